@@ -1,0 +1,1 @@
+"""shopvec pipelines: config, catalog validation, Beam pipelines, the `shopvec` CLI."""
