@@ -298,3 +298,28 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     log.info("loaded model %s on %s (%s): image dim %d, text dim %d%s", spec.model_id, device, precision, image_dim,
              text_dim, " [RANDOM-INIT]" if random_init else "")
     return loaded
+
+
+def output_dims(spec: ModelSpec) -> tuple[int, int]:
+    """(image_dim, text_dim) of ``spec`` from its config, without loading weights when possible."""
+    register_project_configs()
+    builder = _builder_for(spec)
+    if builder is not None:
+        mod = importlib.import_module(builder.__module__)
+        if hasattr(mod, "output_dims"):
+            return tuple(mod.output_dims(spec))  # type: ignore[return-value]
+        lm = builder(spec)
+        return lm.image_dim, lm.text_dim
+    from open_clip.factory import _get_hf_config, get_model_config
+
+    if spec.name.startswith("local-dir:"):
+        with open(os.path.join(spec.name[len("local-dir:"):], "open_clip_config.json"), encoding="utf-8") as f:
+            model_cfg = json.load(f)["model_cfg"]
+    elif spec.name.startswith("hf-hub:"):
+        model_cfg = _get_hf_config(spec.name[len("hf-hub:"):])["model_cfg"]
+    else:
+        model_cfg = get_model_config(spec.name)
+        if model_cfg is None:
+            _check_source(spec)
+    d = int(model_cfg["embed_dim"])
+    return d, d

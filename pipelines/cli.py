@@ -41,10 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NOISE = ("Resource module is not available", "Using yield and return in the process method")
+
+
+def _drop_noise(record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    return not any(n in msg for n in _NOISE)
+
+
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    for h in logging.getLogger().handlers:
+        h.addFilter(_drop_noise)
     if verbose < 2:
         for noisy in ("apache_beam", "urllib3", "httpx", "PIL", "root", "timm", "open_clip", "h5py"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -52,7 +62,12 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if getattr(args, "accepts_beam_args", False):
+            args.beam_args = unknown  # Beam pipeline options pass through unchanged
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
