@@ -23,6 +23,7 @@ import importlib
 import json
 import logging
 import os
+import pickle
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -186,7 +187,7 @@ def _check_source(spec: ModelSpec) -> None:
         if os.path.sep in spec.pretrained or spec.pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
             if not os.path.isfile(spec.pretrained):
                 raise UserError(f"[model] pretrained = {spec.pretrained!r}: checkpoint file not found")
-        elif open_clip.get_pretrained_cfg(spec.name, spec.pretrained) is None and not os.path.isfile(spec.pretrained):
+        elif not open_clip.get_pretrained_cfg(spec.name, spec.pretrained) and not os.path.isfile(spec.pretrained):
             tags = open_clip.list_pretrained_tags_by_model(spec.name)
             raise UserError(f"[model] pretrained = {spec.pretrained!r} is not a tag of {spec.name} (tags: {tags}) "
                             f"nor a checkpoint file")
@@ -285,7 +286,11 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         try:
             model = open_clip.create_model(spec.name, pretrained=spec.pretrained, precision=precision, device=device,
                                            weights_only=True)
-        except (RuntimeError, FileNotFoundError, ValueError, OSError) as e:
+        except pickle.UnpicklingError as e:
+            raise UserError(f"[model] {spec.pretrained}: refused to load: the checkpoint holds objects other than "
+                            f"tensors (loaded with weights_only=True; convert it to a plain state dict or safetensors)"
+                            ) from e
+        except (RuntimeError, FileNotFoundError, ValueError, OSError, KeyError) as e:
             raise UserError(f"[model] could not load {spec.model_id}: {str(e).splitlines()[0][:300]}") from e
     model.eval()
     pre_cfg = preprocess_config(spec)

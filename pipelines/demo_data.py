@@ -38,7 +38,7 @@ the ids are the ones in brackets). Expected dead letters ``(product_id, stage, e
 1. non-image bytes in ``image`` (an HTML 404 page), title present  -> ``(P000010, image, not_an_image)``;
    still embedded from text + reviews (partial).
 2. truncated JPEG (cut at 55 %, no EOI), title present            -> ``(P000034, image, corrupt_image)``; partial.
-3. ``image_uri`` = ``file://…/images/P000058.jpg`` that does not exist -> ``(P000058, image, fetch_failed)``; partial.
+3. ``image_uri`` = ``file://…/images/P000058.jpg`` that does not exist -> ``(P000058, image, image_not_found)``; partial.
 4. no title (whitespace only), no description, no image, no URI and no reviews
                                                                    -> ``(P000082, fuse, no_usable_modality)``.
 5. decompression-bomb PNG: 8000x8000 1-bit black (64 M pixels declared, ~8 KB on disk; above the demo config's
@@ -75,10 +75,10 @@ MIN_N_SPECIAL = 20  # below this no edge/bad rows are placed (bad_records=True r
 ROW_GROUP_SIZE = 64
 GENERATOR_VERSION = 1
 
-# Expected dead-letter error classes (embedders.images.decode_image names; fetch/dedup/fuse names of the pipeline).
+# Expected dead-letter error classes (embedders.images.decode_image, pipelines.fetch, pipelines.embed names).
 ERR_NOT_AN_IMAGE = "not_an_image"
 ERR_CORRUPT_IMAGE = "corrupt_image"
-ERR_FETCH_FAILED = "fetch_failed"
+ERR_IMAGE_NOT_FOUND = "image_not_found"
 ERR_NO_MODALITY = "no_usable_modality"
 ERR_BOMB = "decompression_bomb"
 ERR_DUPLICATE = "duplicate_id"
@@ -614,7 +614,7 @@ def generate(out_dir: str, n: int = 200, seed: int = 0, n_reviews: int | None = 
         elif name == "missing_uri_file":
             rec["image"] = None
             rec["image_uri"] = "file://" + os.path.join(images_dir, f"{pid}.jpg")
-            bad.append({"kind": name, "row": i, "product_id": pid, "stage": "image", "error": ERR_FETCH_FAILED,
+            bad.append({"kind": name, "row": i, "product_id": pid, "stage": "image", "error": ERR_IMAGE_NOT_FOUND,
                         "embedded": True})
         elif name == "no_usable_modality":
             rec.update(title="   ", description=None, image=None, image_uri=None)

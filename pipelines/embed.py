@@ -40,7 +40,7 @@ from embedders.text import clean_text, product_text
 
 from .catalog import TableSpec, inspect_products, inspect_reviews, read_row_group
 from .config import Config
-from .handlers import EncodeRequest, ShopvecModelHandler, shared_encoder
+from .handlers import PER_PROCESS_LOADS, EncodeRequest, ShopvecModelHandler, shared_encoder
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class ValidateProducts(beam.DoFn):
                 meta[role] = row.get(roles[role])
         for col in self._extra:
             meta[col] = row.get(col)
-        yield {"product_id": pid, "text": text, "image": image if image else None, "image_uri": uri, "meta": meta}
+        yield {"product_id": pid, "text": text, "image": image, "image_uri": uri, "meta": meta}
 
 
 class PrepareProducts(beam.DoFn):
@@ -707,7 +707,10 @@ def run_embed(cfg: Config, products: str, reviews: str | None, out: str, runner:
                        "product_rows": ptable.num_rows, "review_rows": rtable.num_rows if rtable else 0},
             "counts": {**summary,
                        "reviews": {k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("reviews.")},
-                       "model_loads": counters.get("model_loads")},
+                       "model_loads": counters.get("model_loads"),
+                       # {"<host>:<pid>": loads}: one model per worker process, checkable on every runner
+                       "model_loads_by_process": {k[len(PER_PROCESS_LOADS):]: v for k, v in counters.items()
+                                                  if k.startswith(PER_PROCESS_LOADS)}},
             "wall_time_s": round(wall, 3),
             "throughput_products_per_s": round(ptable.num_rows / wall, 3) if wall > 0 else None,
             "config": cfg.raw, "config_file": cfg.source,

@@ -14,7 +14,8 @@ wrong: transparent pixels carry a loud colour (an RGB-only ``convert`` shows it;
 
 Error classes used (``embedders.images`` names): ``corrupt_image`` (truncated / broken stream), ``not_an_image``
 (unrecognised bytes), ``empty_image`` (zero bytes), ``decompression_bomb`` (declared pixels above the cap, with
-``max_pixels`` saying which cap; the bitmap must never be decoded).
+``max_pixels`` saying which cap; the bitmap must never be decoded). ``catalog_expect`` is the outcome when the bytes
+sit in a catalog's ``image`` column: the same, except empty bytes, which mean "no image" there (``"missing"``).
 
 Catalogs
 --------
@@ -64,6 +65,13 @@ class ImageCase:
     tol: int = 0                                  # per-channel tolerance for probes
     note: str = ""
     max_pixels: int | None = None                 # the cap under which ``expect`` holds (bombs)
+    in_catalog: str | None = None                 # outcome when the bytes sit in a catalog's image column, if it
+    #                                               differs from ``expect`` ("missing": image modality absent, no
+    #                                               dead letter)
+
+    @property
+    def catalog_expect(self) -> str:
+        return self.in_catalog or self.expect
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -247,8 +255,9 @@ def not_an_image() -> ImageCase:
 
 
 def empty_bytes() -> ImageCase:
-    return ImageCase("empty_bytes", b"", "empty_image",
-                     note="zero-length bytes (a null image is 'modality missing' instead, not a dead letter)")
+    return ImageCase("empty_bytes", b"", "empty_image", in_catalog="missing",
+                     note="zero-length bytes: the decoder refuses them (empty_image), but in a catalog an empty "
+                          "image cell means 'no image', like null: modality missing, no dead letter")
 
 
 def bomb_png(cap: int = DEFAULT_CAP) -> ImageCase:
@@ -313,8 +322,9 @@ def reference_decode(data: bytes, max_pixels: int = DEFAULT_CAP) -> Image.Image:
 
 def write_image_corpus_catalog(out_dir: str, cap: int = DEFAULT_CAP) -> tuple[str, dict[str, ImageCase]]:
     """A products Parquet with one row per image case (``product_id`` = ``img_<name>``, a title so every row
-    still embeds from text). Returns (path, {product_id: case}); a bad case's expected dead letter is
-    ``(product_id, "image", case.expect)`` and the product is still embedded (text only)."""
+    still embeds from text). Returns (path, {product_id: case}). Every product is embedded; for a case whose
+    ``catalog_expect`` is an error class the expected dead letter is ``(product_id, "image", case.catalog_expect)``
+    and the product is embedded from text only; ``"missing"`` means text only and no dead letter."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     cases = image_cases(cap)

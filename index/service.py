@@ -1,0 +1,908 @@
+"""HTTP query service over the published index: FastAPI app factory, hot reload, auth, limits, Prometheus metrics.
+
+``create_app(index_root)`` returns a FastAPI app serving the version named by ``INDEXROOT/CURRENT``:
+
+- ``GET  /v1/products/{product_id}/similar?k=10&filter=category=Shoes&filter=price<2000`` (self excluded)
+- ``POST /v1/search``        ``{"text" | "vector" | "image" (base64) | "product_id": ..., "k": 10, "filters": {...}}``
+- ``POST /v1/similar:batch`` ``{"product_ids": [...], "k": 10, "filters": {...}}``
+- ``GET  /v1/index``         live version, index key, n, dim, model, measured recall, created_at
+- ``GET  /healthz`` (alive), ``GET /readyz`` (an index is loaded), ``GET /metrics`` (Prometheus)
+
+Every query route answers ``{"version": <live version>, "results": [...]}``; every error is
+``{"error": {"code": ..., "message": ...}}`` (never a traceback; bad input is a 4xx, never a 500).
+
+Hot reload: a watcher thread polls ``CURRENT``; a new version is loaded (checksums verified) and checked in that
+thread — dimension consistent with the live one unless the model changed too, the query encoder warmed up and its
+output dimension matching the index — then swapped in with one reference assignment of an immutable
+:class:`Snapshot`. A request takes the snapshot once when it starts, so requests in flight finish on the old version
+(and report its ``version``). A version that fails any check is logged and counted
+(``shopvec_index_reload_failures_total``) and the old one keeps serving; it is retried with back-off, or at once when
+``CURRENT`` changes again.
+
+Security: binds 127.0.0.1 by default (the CLI); with a token every ``/v1/*`` route and ``/metrics`` need
+``Authorization: Bearer <token>`` (``hmac.compare_digest``), 401 otherwise; ``k`` over ``max_k`` and batches over
+``max_batch`` are 422; bodies over ``max_body_bytes`` are 413 (``Content-Length`` and the streamed size); images go
+through :func:`embedders.images.decode_image` with a pixel cap (decompression bombs are 422, never decoded).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as _dt
+import hmac
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Callable, Literal, Optional, Union
+
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_K = 1000
+DEFAULT_MAX_BATCH = 1000
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # a 6 MB image in base64
+DEFAULT_MAX_TEXT_CHARS = 2000
+DEFAULT_MAX_IMAGE_PIXELS = 16_000_000
+DEFAULT_RELOAD_INTERVAL_S = 2.0
+MAX_VECTOR_LEN = 65536
+LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors
+class ApiError(Exception):
+    """An error answered as ``{"error": {"code", "message"}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def _clean(v: Any) -> Any:
+    """A JSON-safe copy: NaN/inf -> null, numpy scalars/arrays -> Python, dates -> ISO 8601, bytes dropped."""
+    t = type(v)
+    if t is str or t is int or t is bool or v is None:
+        return v
+    if t is float:
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items() if not isinstance(x, (bytes, bytearray, memoryview))}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if hasattr(v, "tolist"):  # numpy scalar or array
+        return _clean(v.tolist())
+    if isinstance(v, (_dt.datetime, _dt.date, _dt.time)):
+        return v.isoformat()
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return None
+    if isinstance(v, float):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, int):
+        return int(v)
+    return str(v)
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None, clean: bool = True) -> Response:
+    body = json.dumps(_clean(obj) if clean else obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return Response(body.encode("utf-8"), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                   details: list | None = None) -> Response:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        err["details"] = details
+    return json_response({"error": err}, status, headers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Index library adapter: everything the service needs from index.search / index.store / index.filters.
+def _default_loader(root: str, version: str, mmap: bool, verify: bool):
+    from index.search import ProductIndex
+
+    return ProductIndex.load(root, version=version, mmap=mmap, verify=verify)
+
+
+def read_current(root: str) -> str | None:
+    """The version CURRENT names, or None when nothing is published yet."""
+    try:
+        from index import store
+        fn = getattr(store, "current_version", None) or getattr(store, "read_current", None)
+    except ImportError:
+        fn = None
+    if fn is not None:
+        try:
+            v = fn(root)
+        except FileNotFoundError:
+            return None
+        return str(v) if v else None
+    try:
+        with open(os.path.join(root, "CURRENT"), encoding="utf-8") as f:
+            v = f.read().strip()
+    except FileNotFoundError:
+        return None
+    return v or None
+
+
+def _unknown_product_error():
+    from index.search import UnknownProductError
+
+    return UnknownProductError
+
+
+def _filter_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions the filter parser / library raise for a bad filter."""
+    from embedders.errors import UserError
+
+    errs: list[type[BaseException]] = [UserError, ValueError, TypeError]
+    try:
+        from index import filters as f
+        for name in ("FilterError", "FilterSyntaxError"):
+            e = getattr(f, name, None)
+            if isinstance(e, type) and issubclass(e, BaseException):
+                errs.insert(0, e)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def parse_filter_strings(exprs: list[str]) -> dict[str, Any] | None:
+    """Grammar strings (``field=value``, ``field=v1,v2``, ``field<x`` ...) -> the JSON form, via index.filters."""
+    if not exprs:
+        return None
+    from index import filters as f
+
+    parse = getattr(f, "parse_filters", None) or getattr(f, "parse")
+    return parse(list(exprs))
+
+
+def _model_identity(manifest: dict[str, Any]) -> str | None:
+    m = manifest.get("model")
+    if isinstance(m, dict):
+        spec = m.get("spec")
+        mid = m.get("model_id") or m.get("id")
+        return json.dumps({"id": mid, "spec": spec}, sort_keys=True, default=str) if (mid or spec) else None
+    if m:
+        return str(m)
+    return manifest.get("model_id")
+
+
+def _index_info(version: str, manifest: dict[str, Any], n: int, dim: int, loaded_at: float) -> dict[str, Any]:
+    tuning = manifest.get("tuning") if isinstance(manifest.get("tuning"), dict) else {}
+    measured = manifest.get("measured") if isinstance(manifest.get("measured"), dict) else {}
+    recall = manifest.get("recall", tuning.get("recall", measured.get("recall")))
+    info = {
+        "version": version,
+        "index_key": manifest.get("index_key"),
+        "n": int(n),
+        "dim": int(dim),
+        "model": manifest.get("model"),
+        "recall": recall,
+        "created_at": manifest.get("created_at"),
+        "metric": manifest.get("metric"),
+        "search_params": manifest.get("search_params"),
+        "loaded_at": _dt.datetime.fromtimestamp(loaded_at, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }
+    return _clean(info)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Snapshot + watcher
+@dataclass(frozen=True)
+class Snapshot:
+    """One loaded version. Immutable: a reload builds a new one and swaps the reference."""
+
+    index: Any  # index.search.ProductIndex (carries its query encoder)
+    version: str
+    manifest: dict[str, Any]
+    n: int
+    dim: int
+    model: str | None
+    info: dict[str, Any]
+    loaded_at: float
+    encoder_ok: bool | None = None  # True: warmed up; False: failed (text/image -> 503); None: not tried
+
+
+class LoadRefused(Exception):
+    """A version that loaded but must not be served (dimension mismatch, encoder failure)."""
+
+
+@dataclass
+class ServiceConfig:
+    index_root: str
+    token: str | None = None
+    max_k: int = DEFAULT_MAX_K
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    reload_interval_s: float = DEFAULT_RELOAD_INTERVAL_S  # 0 = no watcher
+    mmap: bool = False
+    verify: bool = True
+    warm_encoder: bool = True  # load + check the query encoder before a version goes live
+    max_retry_backoff_s: float = 300.0
+    loader: Callable[..., Any] | None = None  # (root, version, mmap, verify) -> ProductIndex; tests inject one
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class IndexHolder:
+    """Holds the live :class:`Snapshot` and reloads it when ``CURRENT`` changes."""
+
+    def __init__(self, cfg: ServiceConfig, metrics: "Metrics"):
+        self.cfg = cfg
+        self.metrics = metrics
+        self._snap: Snapshot | None = None
+        self._loader = cfg.loader or _default_loader
+        self._check_lock = threading.Lock()  # one load at a time (watcher thread vs an explicit check_now)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+        self._failed: dict[str, tuple[float, int]] = {}  # version -> (next retry monotonic, attempts)
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snap
+
+    # -- loading
+    def _load(self, version: str) -> Snapshot:
+        t0 = time.monotonic()
+        ix = self._loader(self.cfg.index_root, version, self.cfg.mmap, self.cfg.verify)
+        manifest = dict(getattr(ix, "manifest", None) or {})
+        dim, n = int(ix.dim), int(ix.n)
+        model = _model_identity(manifest)
+        old = self._snap
+        if manifest.get("dim") is not None and int(manifest["dim"]) != dim:
+            raise LoadRefused(f"version {version}: manifest dim {manifest['dim']} != index dim {dim}")
+        encoder_ok = None
+        if self.cfg.warm_encoder and _has_query_model(manifest):
+            try:
+                ix.search(text="warm-up query", k=1)  # loads the model; fails if its output dim != the index dim
+                encoder_ok = True
+            except Exception as e:  # noqa: BLE001 - any failure of the new model is reported below
+                msg = f"{type(e).__name__}: {str(e)[:300]}"
+                if old is not None and old.encoder_ok:  # serving it would break text/image search
+                    raise LoadRefused(f"version {version}: query encoder failed: {msg}") from None
+                log.warning("version %s: query encoder unavailable (%s); text/image search will answer 503",
+                            version, msg)
+                encoder_ok = False
+        if old is not None and dim != old.dim and not (model != old.model and encoder_ok):
+            raise LoadRefused(f"version {version}: dimension {dim} != live version {old.version}'s {old.dim} "
+                              f"without a checked model change; refusing")
+        now = time.time()
+        snap = Snapshot(index=ix, version=str(getattr(ix, "version", version) or version), manifest=manifest, n=n,
+                        dim=dim, model=model, info=_index_info(version, manifest, n, dim, now), loaded_at=now,
+                        encoder_ok=encoder_ok)
+        log.info("loaded index version %s (n=%d, dim=%d, key=%s) in %.2f s", snap.version, n, dim,
+                 manifest.get("index_key"), time.monotonic() - t0)
+        return snap
+
+    def check_now(self) -> bool:
+        """One poll of CURRENT; loads and swaps when it names another version. True when a swap happened."""
+        with self._check_lock:
+            try:
+                target = read_current(self.cfg.index_root)
+            except Exception as e:  # noqa: BLE001 - unreadable CURRENT: keep serving
+                self._note_failure(None, f"cannot read CURRENT: {type(e).__name__}: {e}")
+                return False
+            old = self._snap
+            if target is None or (old is not None and target == old.version):
+                return False
+            retry = self._failed.get(target)
+            if retry is not None and time.monotonic() < retry[0]:
+                return False
+            try:
+                snap = self._load(target)
+            except Exception as e:  # noqa: BLE001 - a bad version never takes the service down
+                self._note_failure(target, f"{type(e).__name__}: {str(e)[:500]}")
+                return False
+            self._snap = snap  # the swap: one reference assignment
+            self._failed.pop(target, None)
+            self.last_error = None
+            self.metrics.on_swap(snap, old)
+            if old is not None:
+                log.info("swapped index version %s -> %s", old.version, snap.version)
+            return True
+
+    def _note_failure(self, version: str | None, msg: str) -> None:
+        self.metrics.reload_failures.inc()
+        self.last_error = f"version {version}: {msg}" if version else msg
+        if version is not None:
+            _, attempts = self._failed.get(version, (0.0, 0))
+            delay = min(self.cfg.max_retry_backoff_s, max(self.cfg.reload_interval_s, 1.0) * (2 ** attempts))
+            self._failed[version] = (time.monotonic() + delay, attempts + 1)
+            # a different version named later is tried at once; forget stale entries
+            for v in [v for v in self._failed if v != version]:
+                self._failed.pop(v)
+        live = self._snap.version if self._snap else None
+        log.error("index reload failed (%s); still serving %s", self.last_error, live or "nothing")
+
+    # -- watcher thread
+    def start(self) -> None:
+        if self.cfg.reload_interval_s <= 0 or (self._thread is not None and self._thread.is_alive()):
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="shopvec-index-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.cfg.reload_interval_s):
+            try:
+                self.check_now()
+            except Exception:  # noqa: BLE001 - the watcher must never die
+                log.exception("index watcher error")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def require(self) -> Snapshot:
+        snap = self._snap
+        if snap is None:
+            raise ApiError(503, "not_ready", "no index loaded yet" + (f": {self.last_error}" if self.last_error else
+                                                                      f"; waiting for {self.cfg.index_root}/CURRENT"))
+        return snap
+
+
+def _has_query_model(manifest: dict[str, Any]) -> bool:
+    m = manifest.get("model")
+    if isinstance(m, dict):
+        return bool(m.get("spec") or m.get("name"))
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics (one CollectorRegistry per app, so tests can build many apps)
+class Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("shopvec_http_requests_total", "HTTP requests by route template, method and status",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("shopvec_http_request_duration_seconds", "HTTP request latency (server side)",
+                                 ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.index_info = Gauge("shopvec_index_info", "The live index version (value 1)",
+                                ["version", "index_key", "model"], registry=r)
+        self.index_size = Gauge("shopvec_index_vectors", "Vectors in the live index", registry=r)
+        self.index_dim = Gauge("shopvec_index_dim", "Dimension of the live index", registry=r)
+        self.index_loaded = Gauge("shopvec_index_loaded_timestamp_seconds", "When the live version was loaded",
+                                  registry=r)
+        self.ready = Gauge("shopvec_ready", "1 when an index is loaded", registry=r)
+        self.reloads = Counter("shopvec_index_reloads_total", "Index versions loaded and swapped in (the first load "
+                               "included)", registry=r)
+        self.reload_failures = Counter("shopvec_index_reload_failures_total", "Index versions that failed to load or "
+                                       "were refused (the old one kept serving)", registry=r)
+        self._lock = threading.Lock()
+
+    def on_swap(self, new: Snapshot, old: Snapshot | None) -> None:
+        with self._lock:
+            if old is not None:
+                try:
+                    self.index_info.remove(old.version, str(old.manifest.get("index_key")), _model_label(old))
+                except KeyError:
+                    pass
+            self.index_info.labels(new.version, str(new.manifest.get("index_key")), _model_label(new)).set(1)
+            self.index_size.set(new.n)
+            self.index_dim.set(new.dim)
+            self.index_loaded.set(new.loaded_at)
+            self.ready.set(1)
+            self.reloads.inc()
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def _model_label(s: Snapshot) -> str:
+    m = s.manifest.get("model")
+    if isinstance(m, dict):
+        return str(m.get("model_id") or m.get("id") or m.get("name") or "")
+    return str(m or "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ASGI middlewares (pure ASGI: cheaper than BaseHTTPMiddleware on the hot path)
+class BodyLimitMiddleware:
+    """413 when ``Content-Length`` or the streamed body exceeds ``max_bytes``; the body is buffered then replayed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return await _send_error(send, 400, "invalid_request", "Content-Length is not an integer")
+                if declared > self.max_bytes:
+                    return await _send_error(send, 413, "body_too_large",
+                                             f"request body is {declared} bytes > the {self.max_bytes}-byte cap")
+                break
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            # bodies are not used by these routes; still capped while the app would read them
+            return await self.app(scope, _capped_receive(receive, self.max_bytes), send)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body = msg.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                return await _send_error(send, 413, "body_too_large",
+                                         f"request body is over the {self.max_bytes}-byte cap")
+            if body:
+                chunks.append(body)
+            if not msg.get("more_body", False):
+                break
+        replay = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        sent = False
+
+        async def replay_receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return replay
+            return await receive()
+
+        return await self.app(scope, replay_receive, send)
+
+
+def _capped_receive(receive, max_bytes: int):
+    seen = 0
+
+    async def wrapped():
+        nonlocal seen
+        msg = await receive()
+        if msg["type"] == "http.request":
+            seen += len(msg.get("body", b""))
+            if seen > max_bytes:
+                raise ApiError(413, "body_too_large", f"request body is over the {max_bytes}-byte cap")
+        return msg
+
+    return wrapped
+
+
+async def _send_error(send, status: int, code: str, message: str) -> None:
+    resp = error_response(status, code, message)
+    await send({"type": "http.response.start", "status": status, "headers": resp.raw_headers})
+    await send({"type": "http.response.body", "body": resp.body})
+
+
+class MetricsMiddleware:
+    """Counts requests by route template + status and observes latency (unmatched paths share one label)."""
+
+    def __init__(self, app, metrics: Metrics, routes_of: Callable[[], list]):
+        self.app = app
+        self.metrics = metrics
+        self.routes_of = routes_of
+
+    def _route_label(self, scope) -> str:
+        route = scope.get("route")
+        if route is not None and getattr(route, "path", None):
+            return getattr(route, "path_format", None) or route.path
+        for r in self.routes_of():
+            try:
+                match, _ = r.matches(scope)
+            except Exception:  # noqa: BLE001
+                continue
+            if match == Match.FULL:
+                return getattr(r, "path_format", None) or getattr(r, "path", "<other>")
+        return "<unmatched>"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = self._route_label(scope)
+            method = scope.get("method", "")
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.latency.labels(route, method).observe(time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schemas
+class ErrorBody(BaseModel):
+    code: str = Field(description="machine-readable error class, e.g. unknown_product, k_too_large")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ResultItem(BaseModel):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"description": "product_id, score and the index's "
+                                                                               "metadata columns (title, category, ...)"})
+    product_id: str
+    score: float
+
+
+class QueryResponse(BaseModel):
+    version: str = Field(description="the index version that answered")
+    results: list[ResultItem]
+
+
+class BatchItem(BaseModel):
+    product_id: str
+    results: Optional[list[ResultItem]] = None
+    error: Optional[ErrorBody] = None
+
+
+class BatchResponse(BaseModel):
+    version: str
+    results: list[BatchItem]
+
+
+class IndexInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    version: str
+    index_key: Optional[str] = None
+    n: int
+    dim: int
+    model: Any = None
+    recall: Any = None
+    created_at: Optional[str] = None
+
+
+class Status(BaseModel):
+    status: str
+    version: Optional[str] = None
+
+
+class RangeFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lt: Optional[Union[float, str]] = None
+    le: Optional[Union[float, str]] = None
+    gt: Optional[Union[float, str]] = None
+    ge: Optional[Union[float, str]] = None
+
+
+FilterScalar = Union[Annotated[float, Field(allow_inf_nan=False)], int, bool, str]
+FilterValue = Union[FilterScalar, list[FilterScalar], RangeFilter]
+FILTER_DOC = ("metadata filters, JSON form: {\"field\": value | [values] | {\"lt\"|\"le\"|\"gt\"|\"ge\": x}}; "
+              "all must hold")
+FINITE = Annotated[float, Field(allow_inf_nan=False)]
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 503)}
+
+
+def _models(cfg: ServiceConfig):
+    """Request models carrying this app's limits (so /openapi.json states them)."""
+    KInt = Annotated[int, Field(ge=1, le=cfg.max_k, description=f"results wanted (1..{cfg.max_k})")]
+
+    class SearchRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        text: Optional[Annotated[str, Field(min_length=1, max_length=cfg.max_text_chars)]] = None
+        vector: Optional[Annotated[list[FINITE], Field(min_length=1, max_length=MAX_VECTOR_LEN)]] = Field(
+            None, description="a query vector of the index's dimension (see GET /v1/index)")
+        image: Optional[Annotated[str, Field(min_length=1)]] = Field(None, description="image file bytes, base64")
+        product_id: Optional[Annotated[str, Field(min_length=1, max_length=1024)]] = None
+        k: KInt = 10
+        filters: Optional[dict[str, FilterValue]] = Field(None, description=FILTER_DOC)
+
+        @model_validator(mode="after")
+        def _exactly_one(self):
+            given = [n for n in ("text", "vector", "image", "product_id") if getattr(self, n) is not None]
+            if len(given) != 1:
+                raise ValueError(f"give exactly one of text, vector, image, product_id (got {given or 'none'})")
+            return self
+
+    class BatchRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        product_ids: Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]],
+                               Field(min_length=1, max_length=cfg.max_batch)]
+        k: KInt = 10
+        filters: Optional[dict[str, FilterValue]] = Field(None, description=FILTER_DOC)
+
+    return KInt, SearchRequest, BatchRequest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def create_app(index_root: str, token: str | None = None, max_k: int = DEFAULT_MAX_K,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, *, max_batch: int = DEFAULT_MAX_BATCH,
+               max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               reload_interval_s: float = DEFAULT_RELOAD_INTERVAL_S, mmap: bool = False, verify: bool = True,
+               warm_encoder: bool = True, load_on_start: bool = True,
+               loader: Callable[..., Any] | None = None) -> FastAPI:
+    """The query service app for ``index_root``. ``token`` None/empty = no auth. ``reload_interval_s`` 0 = no
+    watcher (``app.state.holder.check_now()`` reloads by hand). The watcher thread runs while the app's lifespan
+    does (uvicorn, or ``with TestClient(app)``)."""
+    from contextlib import asynccontextmanager
+
+    if max_k < 1 or max_batch < 1 or max_body_bytes < 1:
+        raise ValueError("max_k, max_batch and max_body_bytes must be >= 1")
+    cfg = ServiceConfig(index_root=str(index_root), token=token or None, max_k=max_k, max_batch=max_batch,
+                        max_body_bytes=max_body_bytes, max_text_chars=max_text_chars,
+                        max_image_pixels=max_image_pixels, reload_interval_s=reload_interval_s, mmap=mmap,
+                        verify=verify, warm_encoder=warm_encoder, loader=loader)
+    metrics = Metrics()
+    holder = IndexHolder(cfg, metrics)
+    if load_on_start:
+        holder.check_now()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if holder.snapshot is None:
+            holder.check_now()
+        holder.start()
+        try:
+            yield
+        finally:
+            holder.stop()
+
+    app = FastAPI(title="shopvec query service", version="1",
+                  description="Similar products and text/image/vector search over the published FAISS index. "
+                              "Errors: {\"error\": {\"code\", \"message\"}}.",
+                  lifespan=lifespan)
+    app.state.config = cfg
+    app.state.holder = holder
+    app.state.metrics = metrics
+
+    KInt, SearchRequest, BatchRequest = _models(cfg)
+    from embedders.images import ImageLimits
+
+    image_limits = ImageLimits(max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_body_bytes)
+    unknown_product = None  # resolved lazily (index.search imported on first use)
+
+    def _unknown_cls():
+        nonlocal unknown_product
+        if unknown_product is None:
+            unknown_product = _unknown_product_error()
+        return unknown_product
+
+    filter_errors = None
+
+    def _ferrs():
+        nonlocal filter_errors
+        if filter_errors is None:
+            filter_errors = _filter_errors()
+        return filter_errors
+
+    # -- auth
+    bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <SHOPVEC_API_TOKEN>")
+    expected = cfg.token.encode("utf-8") if cfg.token else None
+
+    def require_token(cred: Annotated[Optional[HTTPAuthorizationCredentials], Depends(bearer)]) -> None:
+        given = cred.credentials.encode("utf-8", "surrogateescape") if cred is not None else b""
+        # compare_digest on bytes: constant time for equal lengths, and no early exit on the first different byte
+        if not hmac.compare_digest(given, expected):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(require_token)] if expected else []
+
+    # -- error handlers
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        details, code, status = [], "invalid_request", 422
+        for e in errs[:20]:
+            loc = [x if isinstance(x, (str, int)) else str(x) for x in e.get("loc", ())]
+            details.append({"loc": loc, "msg": str(e.get("msg", ""))[:300], "type": str(e.get("type", ""))})
+            if e.get("type") == "json_invalid":
+                code, status = "invalid_json", 400
+            elif loc and loc[-1] == "k" and e.get("type") == "less_than_equal" and code == "invalid_request":
+                code = "k_too_large"
+            elif loc and loc[-1] == "product_ids" and e.get("type") == "too_long" and code == "invalid_request":
+                code = "batch_too_large"
+        first = details[0] if details else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(x) for x in first["loc"])
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        if len(details) > 1:
+            message += f" (+{len(details) - 1} more)"
+        return error_response(status, code, message, details=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 400: "invalid_request"}.get(exc.status_code,
+                                                                                         f"http_{exc.status_code}")
+        msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and msg == "Not Found":
+            msg = f"no route {request.method} {request.url.path}"
+        return error_response(exc.status_code, code, msg, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal_error", "internal error; the service log has the details")
+
+    # -- query helpers
+    def _parse_get_filters(exprs: list[str]) -> dict[str, Any] | None:
+        try:
+            return parse_filter_strings(exprs)
+        except _ferrs() as e:
+            raise ApiError(422, "invalid_filter", str(e)[:500]) from None
+
+    def _similar(snap: Snapshot, product_id: str, k: int, filters) -> list:
+        try:
+            return snap.index.similar(product_id, k=k, filters=filters)
+        except _unknown_cls():
+            raise ApiError(404, "unknown_product",
+                           f"unknown product_id {product_id!r} in index version {snap.version}") from None
+        except _ferrs() as e:
+            if filters:
+                raise ApiError(422, "invalid_filter", str(e)[:500]) from None
+            raise
+
+    def _encoded_search(snap: Snapshot, **kw) -> list:
+        if not _has_query_model(snap.manifest):
+            raise ApiError(422, "unsupported_query", f"index version {snap.version} records no query model; only "
+                                                     f"vector and product_id queries work on it")
+        if snap.encoder_ok is False:
+            raise ApiError(503, "encoder_unavailable", f"the query encoder of version {snap.version} failed to load; "
+                                                       f"vector and product_id queries still work")
+        try:
+            return snap.index.search(**kw)
+        except _ferrs() as e:
+            if kw.get("filters"):
+                raise ApiError(422, "invalid_filter", str(e)[:500]) from None
+            raise ApiError(422, "invalid_request", str(e)[:500]) from None
+
+    def _page(snap: Snapshot, results: list) -> Response:
+        return json_response({"version": snap.version, "results": results})
+
+    # -- routes
+    @app.get("/v1/products/{product_id:path}/similar", response_model=QueryResponse, responses=ERRORS,
+             dependencies=auth, tags=["query"], summary="Products similar to one product (itself excluded)")
+    def similar(product_id: Annotated[str, Path(min_length=1, max_length=1024)], k: Annotated[int, Query(
+                    ge=1, le=cfg.max_k, description=f"results wanted (1..{cfg.max_k})")] = 10,
+                filter: Annotated[list[str], Query(description="repeatable: field=value, field=v1,v2, field<x, "
+                                                               "field<=x, field>x, field>=x")] = []):  # noqa: B006
+        snap = holder.require()
+        filters = _parse_get_filters(filter)
+        return _page(snap, _similar(snap, product_id, k, filters))
+
+    @app.post("/v1/search", response_model=QueryResponse, responses=ERRORS, dependencies=auth, tags=["query"],
+              summary="Search by exactly one of text, vector, image (base64) or product_id")
+    def search(req: SearchRequest):
+        snap = holder.require()
+        filters = req.filters
+        if filters is not None:
+            filters = {k: (v.model_dump(exclude_none=True) if isinstance(v, RangeFilter) else v)
+                       for k, v in filters.items()}
+        if req.product_id is not None:
+            return _page(snap, _similar(snap, req.product_id, req.k, filters))
+        if req.vector is not None:
+            if len(req.vector) != snap.dim:
+                raise ApiError(422, "dimension_mismatch", f"vector has {len(req.vector)} values; index version "
+                                                          f"{snap.version} has dim {snap.dim}")
+            import numpy as np
+
+            vec = np.asarray(req.vector, dtype=np.float32)
+            norm = float(np.linalg.norm(vec))
+            if not math.isfinite(norm) or norm == 0.0:
+                raise ApiError(422, "invalid_vector", "vector is zero or overflows float32")
+            try:
+                res = snap.index.search(vector=vec, k=req.k, filters=filters)
+            except _ferrs() as e:
+                raise ApiError(422, "invalid_filter" if filters else "invalid_vector", str(e)[:500]) from None
+            return _page(snap, res)
+        if req.text is not None:
+            if not req.text.strip():
+                raise ApiError(422, "invalid_request", "text is blank")
+            return _page(snap, _encoded_search(snap, text=req.text, k=req.k, filters=filters))
+        # image
+        try:
+            data = base64.b64decode(req.image, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(422, "invalid_image", "image is not valid base64") from None
+        from embedders.errors import RecordError
+        from embedders.images import decode_image
+
+        if not _has_query_model(snap.manifest) or snap.encoder_ok is False:
+            return _page(snap, _encoded_search(snap, image=data, k=req.k, filters=filters))  # raises the 4xx/503
+        try:
+            img = decode_image(data, image_limits)
+        except RecordError as e:
+            raise ApiError(422, e.error, e.message) from None
+        return _page(snap, _encoded_search(snap, image=img, k=req.k, filters=filters))
+
+    @app.post("/v1/similar:batch", response_model=BatchResponse, responses=ERRORS, dependencies=auth,
+              tags=["query"], summary="Similar products for many product ids (unknown ids get a per-item error)")
+    def similar_batch(req: BatchRequest):
+        snap = holder.require()
+        filters = req.filters
+        if filters is not None:
+            filters = {k: (v.model_dump(exclude_none=True) if isinstance(v, RangeFilter) else v)
+                       for k, v in filters.items()}
+        ids = list(req.product_ids)
+        try:
+            lists = snap.index.similar_batch(ids, k=req.k, filters=filters)
+            items = [{"product_id": pid, "results": res} for pid, res in zip(ids, lists)]
+        except _unknown_cls():
+            items = []
+            for pid in ids:
+                try:
+                    items.append({"product_id": pid, "results": snap.index.similar(pid, k=req.k, filters=filters)})
+                except _unknown_cls():
+                    items.append({"product_id": pid, "results": None,
+                                  "error": {"code": "unknown_product",
+                                            "message": f"unknown product_id {pid!r} in index version "
+                                                       f"{snap.version}"}})
+                except _ferrs() as e:
+                    raise ApiError(422, "invalid_filter", str(e)[:500]) from None
+        except _ferrs() as e:
+            raise ApiError(422, "invalid_filter", str(e)[:500]) from None
+        return json_response({"version": snap.version, "results": items})
+
+    @app.get("/v1/index", response_model=IndexInfo, responses=ERRORS, dependencies=auth, tags=["index"],
+             summary="The live index version")
+    def index_info():
+        return json_response(holder.require().info, clean=False)
+
+    @app.get("/healthz", response_model=Status, tags=["ops"], summary="The process is alive")
+    async def healthz():
+        return json_response({"status": "ok"}, clean=False)
+
+    @app.get("/readyz", response_model=Status, responses={503: {"model": ErrorResponse}}, tags=["ops"],
+             summary="An index is loaded")
+    async def readyz():
+        snap = holder.require()
+        return json_response({"status": "ready", "version": snap.version})
+
+    @app.get("/metrics", dependencies=auth, tags=["ops"], summary="Prometheus metrics",
+             responses={200: {"content": {"text/plain": {}}}, 401: {"model": ErrorResponse}})
+    def prometheus_metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes_of=lambda: app.router.routes)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# uvicorn factory (the CLI passes its settings through the environment so --workers N works)
+ENV_CONFIG = "SHOPVEC_SERVE_CONFIG"
+ENV_TOKEN = "SHOPVEC_API_TOKEN"
+
+
+def app_from_env() -> FastAPI:
+    """``uvicorn index.service:app_from_env --factory``: settings from ``$SHOPVEC_SERVE_CONFIG`` (JSON of
+    :func:`create_app` keyword arguments, ``index_root`` required), token from ``$SHOPVEC_API_TOKEN``."""
+    raw = os.environ.get(ENV_CONFIG)
+    if not raw:
+        raise RuntimeError(f"${ENV_CONFIG} is not set (JSON with at least index_root)")
+    kw = json.loads(raw)
+    root = kw.pop("index_root")
+    return create_app(root, token=os.environ.get(ENV_TOKEN) or None, **kw)
