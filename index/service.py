@@ -24,7 +24,6 @@ Security: binds 127.0.0.1 by default (the CLI); with a token every ``/v1/*`` rou
 ``max_batch`` are 422; bodies over ``max_body_bytes`` are 413 (``Content-Length`` and the streamed size); images go
 through :func:`embedders.images.decode_image` with a pixel cap (decompression bombs are 422, never decoded).
 """
-from __future__ import annotations
 
 import base64
 import binascii

@@ -30,9 +30,11 @@ Arrow buffers copied from the previous Parquet, so they are bit-for-bit what was
 """
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -64,11 +66,41 @@ SHARD_ROWS = 50_000
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# small helpers shared with the embed pipeline (same normalisation -> same hashes)
-def _pipeline_helpers():
-    from .embed import _norm_id, _num, _ts_seconds  # noqa: PLC0415 - Beam import only when scanning
+# The embed pipeline's record normalisation (``pipelines.embed._norm_id/_num/_ts_seconds``), repeated here because
+# importing ``pipelines.embed`` loads Beam + torch (seconds) and the scan must stay cheap; a test asserts that both
+# give the same values and the same hashes.
+def _norm_id(value: Any) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    s = str(value).strip()
+    return s or None
 
-    return _norm_id, _num, _ts_seconds
+
+def _num(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _ts_seconds(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        return value.timestamp()
+    if isinstance(value, _dt.date):
+        return _dt.datetime(value.year, value.month, value.day, tzinfo=_dt.timezone.utc).timestamp()
+    if isinstance(value, str):
+        try:
+            return _ts_seconds(_dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00")))
+        except ValueError:
+            return None
+    return None
 
 
 def _is_remote(uri: str) -> bool:
@@ -221,7 +253,6 @@ def review_content(text: str, rating, votes, ts) -> str:
 
 def scan_catalog(cfg: Config, products: str, reviews: str | None) -> CatalogScan:
     """Stream the catalog once and compute every product's content keys (see the module docstring)."""
-    _norm_id, _num, _ts_seconds = _pipeline_helpers()
     ptable = inspect_products(products, cfg.product_columns)
     rtable = inspect_reviews(reviews, cfg.review_columns) if reviews else None
     roles = ptable.roles
@@ -413,7 +444,6 @@ def plan_delta(scan: CatalogScan, previous: tuple[pa.Table, dict[str, Any]] | No
 def write_subset(scan: CatalogScan, product_ids: Iterable[str], out_dir: str,
                  row_group_size: int = 64) -> tuple[str | None, str | None, int]:
     """Write the rows of ``product_ids`` (catalog schema, catalog order) + their reviews; returns paths and count."""
-    _norm_id = _pipeline_helpers()[0]
     want = set(product_ids)
     os.makedirs(out_dir, exist_ok=True)
     if not want:
@@ -506,13 +536,80 @@ def _write_shards(table: pa.Table, out_dir: str, rows: int = SHARD_ROWS) -> list
     return paths
 
 
+def meta_fields(ptable: TableSpec) -> list[pa.Field]:
+    """Arrow fields of the carried metadata, typed as the embed pipeline types them (``_arrow_meta_fields``)."""
+    schema = open_parquet(ptable.paths[0]).schema_arrow
+    fields = []
+    for name, col in [(r, ptable.roles[r]) for r in ("title", "description", "category", "price") if r in ptable.roles] \
+            + [(c, c) for c in ptable.extra_columns]:
+        t = schema.field(col).type
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        if name == "category" and pa.types.is_integer(t):
+            t = pa.int64()
+        fields.append(pa.field(name, t))
+    return fields
+
+
+def _target_schema(cfg: Config, scan: CatalogScan, src: pa.Table | None, provenance: dict) -> pa.Schema:
+    """Vector fields as the embeddings being merged have them, metadata fields as the current catalog has them."""
+    meta = {b"shopvec": json.dumps(provenance, sort_keys=True).encode()}
+    if src is None:  # nothing embedded to copy the layout from: build it as the pipeline does (imports Beam)
+        from embedders.fusion import fused_dim, modality_dims
+        from embedders.models import output_dims
+
+        from .embed import embeddings_schema
+
+        dims = modality_dims(*output_dims(cfg.model))
+        return embeddings_schema(dims, fused_dim(cfg.fusion, dims), meta_fields(scan.ptable), provenance)
+    fields = [src.schema.field(c) for c in ("product_id", *VECTOR_COLUMNS, "review_count", "rating_mean")]
+    taken = {f.name for f in fields}
+    fields += [f for f in meta_fields(scan.ptable) if f.name not in taken]
+    return pa.schema(fields, metadata=meta)
+
+
+def _provenance(cfg: Config, src: pa.Table | None, runner: str, plan: Plan, base: str | None) -> dict[str, Any]:
+    """The pipeline's provenance record (model, dims, fusion, ...) refreshed for this merge."""
+    if src is not None:
+        p = json.loads(src.schema.metadata[b"shopvec"])
+    else:
+        from embedders.fusion import fused_dim, modality_dims
+        from embedders.models import output_dims
+
+        dims = modality_dims(*output_dims(cfg.model))
+        p = {"dim": fused_dim(cfg.fusion, dims), "modality_dims": {"image": dims["image"], "text": dims["text"]}}
+    spec = cfg.model
+    p.update({"model_id": spec.model_id, "random_init": spec.random_init, "model": {"spec": spec.to_dict()},
+              "fusion": cfg.fusion.to_dict(), "config_hash": cfg.embedding_hash, "full_config_hash": cfg.hash,
+              "code_version": code_version(), "created_at": utc_now(), "runner": runner,
+              "incremental": {"base": base, **{k: v for k, v in plan.counts().items() if k != "reason"}}})
+    return p
+
+
+def _dead_summary(dead: pa.Table, merged: pa.Table) -> dict[str, Any]:
+    """Counts in the shape of the pipeline's ``summarize_outputs``."""
+    ids = set(merged.column("product_id").to_pylist())
+    by_stage: dict[str, dict[str, int]] = {}
+    image_failed, not_embedded = set(), set()
+    for pid, stage, err in zip(dead.column("product_id").to_pylist(), dead.column("stage").to_pylist(),
+                               dead.column("error").to_pylist()):
+        by_stage.setdefault(stage, {}).setdefault(err, 0)
+        by_stage[stage][err] += 1
+        (image_failed if stage == "image" else not_embedded).add(pid)
+    mods: dict[str, int] = {}
+    for m in merged.column("modalities").to_pylist():
+        mods[m] = mods.get(m, 0) + 1
+    return {"embedded": merged.num_rows, "partial": len(image_failed & ids), "by_modalities": mods,
+            "dead_letters": dead.num_rows, "dead_letter_products": len(not_embedded), "dead_by_stage": by_stage}
+
+
+DEAD_LETTER_FIELDS = [("product_id", pa.string()), ("stage", pa.string()), ("error", pa.string()),
+                      ("message", pa.string())]
+
+
 def merge_embeddings(cfg: Config, scan: CatalogScan, plan: Plan, previous_dir: str | None, delta_dir: str | None,
                      out_dir: str, runner: str, extra_report: dict[str, Any] | None = None) -> dict[str, Any]:
     """Reused previous vectors + delta vectors + current metadata -> ``out_dir`` (embed layout + keys.parquet)."""
-    from embedders.fusion import fused_dim, modality_dims
-
-    from .embed import DEAD_LETTER_SCHEMA, _arrow_meta_fields, embeddings_schema, provenance_for, summarize_outputs
-
     reuse = set(plan.unchanged)
     embedded_now = set(plan.to_embed)
     canaries = set(plan.canaries)
@@ -521,25 +618,18 @@ def merge_embeddings(cfg: Config, scan: CatalogScan, plan: Plan, previous_dir: s
     if delta is not None and canaries:
         delta = delta.filter(pc.invert(pc.is_in(delta.column("product_id"),
                                                 value_set=pa.array(sorted(canaries), pa.string()))))
-    src = delta if delta is not None else prev
-    if src is None:  # neither: derive the dims from the model config
-        from embedders.models import output_dims
-
-        dims = modality_dims(*output_dims(cfg.model))
-    else:
-        md = json.loads(src.schema.metadata[b"shopvec"])["modality_dims"]
-        dims = modality_dims(md["image"], md["text"])
-    provenance = provenance_for(cfg, dims, runner)
-    provenance["incremental"] = {"base": os.path.basename(previous_dir.rstrip("/")) if previous_dir else None,
-                                 **{k: v for k, v in plan.counts().items() if k not in ("reason",)}}
-    schema = embeddings_schema(dims, fused_dim(cfg.fusion, dims), _arrow_meta_fields(scan.ptable), provenance)
     if prev is not None and prev.num_rows != len(reuse):
         missing = sorted(reuse - set(prev.column("product_id").to_pylist()))[:5]
         raise RuntimeError(f"previous embeddings {previous_dir} lack {len(reuse) - prev.num_rows} product(s) marked "
                            f"embedded in its keys.parquet (e.g. {missing}); the previous run is inconsistent")
-    vec_parts = [t.select(["product_id", *VECTOR_COLUMNS]) for t in (prev, delta) if t is not None and t.num_rows]
+    src = delta if delta is not None else prev
+    base = os.path.basename(previous_dir.rstrip("/")) if previous_dir else None
+    provenance = _provenance(cfg, src, runner, plan, base)
+    schema = _target_schema(cfg, scan, src, provenance)
     vec_fields = pa.schema([schema.field(c) for c in ("product_id", *VECTOR_COLUMNS)])
-    vecs = (pa.concat_tables([t.cast(vec_fields) for t in vec_parts]) if vec_parts else vec_fields.empty_table())
+    vec_parts = [t.select(list(vec_fields.names)).cast(vec_fields) for t in (prev, delta)
+                 if t is not None and t.num_rows]
+    vecs = pa.concat_tables(vec_parts) if vec_parts else vec_fields.empty_table()
     # catalog order, current metadata, current review summary
     pos = scan.index()
     unordered = vecs.column("product_id").to_pylist()
@@ -548,9 +638,9 @@ def merge_embeddings(cfg: Config, scan: CatalogScan, plan: Plan, previous_dir: s
     ids = [unordered[i] for i in order]
     rc = scan.keys.column("review_count").to_pylist()
     rm = scan.keys.column("rating_mean").to_pylist()
-    cols: dict[str, Any] = {c: vecs.column(c) for c in ("product_id", *VECTOR_COLUMNS)}
-    cols["review_count"] = pa.array([rc[pos[p]] for p in ids], pa.int32())
-    cols["rating_mean"] = pa.array([rm[pos[p]] for p in ids], pa.float64())
+    cols: dict[str, Any] = {c: vecs.column(c) for c in vec_fields.names}
+    cols["review_count"] = pa.array([rc[pos[p]] for p in ids], schema.field("review_count").type)
+    cols["rating_mean"] = pa.array([rm[pos[p]] for p in ids], schema.field("rating_mean").type)
     for f in schema:
         if f.name not in cols:
             cols[f.name] = pa.array([scan.meta[p].get(f.name) for p in ids], type=f.type)
@@ -563,13 +653,13 @@ def merge_embeddings(cfg: Config, scan: CatalogScan, plan: Plan, previous_dir: s
     if prev_dead is not None and prev_dead.num_rows:
         for r in prev_dead.to_pylist():
             if r["product_id"] in carried_ids and r["stage"] not in ("validate", "dedup"):
-                dead_rows.append({k: r[k] for k in ("product_id", "stage", "error", "message")})
+                dead_rows.append({k: r[k] for k, _ in DEAD_LETTER_FIELDS})
     delta_dead = _read_dead(delta_dir) if delta_dir else None
     if delta_dead is not None and delta_dead.num_rows:
         for r in delta_dead.to_pylist():
             if r["product_id"] in embedded_now:
-                dead_rows.append({k: r[k] for k in ("product_id", "stage", "error", "message")})
-    dl_schema = DEAD_LETTER_SCHEMA.with_metadata({b"shopvec": json.dumps(provenance, sort_keys=True).encode()})
+                dead_rows.append({k: r[k] for k, _ in DEAD_LETTER_FIELDS})
+    dl_schema = pa.schema(DEAD_LETTER_FIELDS, metadata={b"shopvec": json.dumps(provenance, sort_keys=True).encode()})
     dead = pa.Table.from_pylist(dead_rows, schema=dl_schema) if dead_rows else dl_schema.empty_table()
 
     tmp = out_dir.rstrip("/") + ".tmp"
@@ -581,19 +671,19 @@ def merge_embeddings(cfg: Config, scan: CatalogScan, plan: Plan, previous_dir: s
     status = ["embedded" if p in embedded_ids else "dead" for p in scan.keys.column("product_id").to_pylist()]
     keys = scan.keys.append_column("status", pa.array(status, pa.string()))
     info = {"model_id": cfg.model.model_id, "embedding_hash": cfg.embedding_hash, "code_version": code_version(),
-            "created_at": utc_now()}
+            "created_at": provenance["created_at"]}
     keys = keys.replace_schema_metadata({b"shopvec_keys": json.dumps(info).encode()})
     pq.write_table(keys, os.path.join(tmp, "keys.parquet"), compression="zstd")
-    summary = summarize_outputs(tmp)
     report = {
         "status": "succeeded", "kind": "incremental-merge",
-        **{k: provenance[k] for k in ("model_id", "random_init", "config_hash", "code_version", "created_at",
-                                      "runner")},
-        "embedding_dim": provenance["dim"], "modality_dims": provenance["modality_dims"],
+        **{k: provenance.get(k) for k in ("model_id", "random_init", "config_hash", "code_version", "created_at",
+                                          "runner")},
+        "embedding_dim": provenance.get("dim"), "modality_dims": provenance.get("modality_dims"),
         "fusion": provenance["fusion"], "model": provenance["model"],
         "inputs": {"products": scan.ptable.paths, "reviews": scan.rtable.paths if scan.rtable else [],
                    "product_rows": scan.product_rows, "review_rows": scan.review_rows},
-        "counts": {**summary, "reviews": {"orphan": scan.orphan_reviews, "null_text": scan.null_text_reviews}},
+        "counts": {**_dead_summary(dead, merged),
+                   "reviews": {"orphan": scan.orphan_reviews, "null_text": scan.null_text_reviews}},
         "incremental": {"base": previous_dir, "delta": delta_dir, **plan.counts(),
                         "reused": len(reuse), "embedded_now": len(embedded_now & embedded_ids)},
         "config": cfg.raw, "config_file": cfg.source, **(extra_report or {}),
