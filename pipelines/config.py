@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "reviews": {"max_per_product": 20, "half_life_days": 365.0},
     "fusion": {"mode": "sum", "weights": {"image": 1.0, "text": 1.0, "reviews": 0.5}},
     "batch": {"image_batch_size": 32, "text_batch_size": 64},
-    "pipeline": {"runner": "DirectRunner", "num_shards": 0, "progress_every_s": 10.0},
+    "pipeline": {"runner": "DirectRunner", "progress_every_s": 10.0},
 }
 # Sections whose keys are free-form (nested tables of their own), validated by their owners.
 OPEN_SECTIONS = {"nightly", "index", "gates", "serve", "eval", "finetune"}
