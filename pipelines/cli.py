@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOISE = ("Resource module is not available", "Using yield and return in the process method")
+_NOISE = ("Resource module is not available", "Using yield and return in the process method",
+          "apitools not found")
 
 
 def _drop_noise(record: logging.LogRecord) -> bool:
