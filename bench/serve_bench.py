@@ -160,8 +160,8 @@ def loadgen_main(a) -> int:
     ids = Path(a.ids_file).read_text().split("\n")
     ids = [i for i in ids if i]
     r0 = os.times()
-    res = asyncio.run(_loadgen(a.port, ids, a.duration, a.concurrency, a.rate, a.k, os.environ.get("BENCH_TOKEN"),
-                               a.seed))
+    res = asyncio.run(_loadgen(a.port, ids, a.duration, a.concurrency, a.rate or None, a.k,
+                               os.environ.get("BENCH_TOKEN") or None, a.seed))
     r1 = os.times()
     cpu = (r1.user - r0.user) + (r1.system - r0.system)
     out = {**_summary(res["latencies_s"], res["wall_s"]), "statuses": res["statuses"], "n_errors": res["n_errors"],
@@ -172,24 +172,27 @@ def loadgen_main(a) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Index (synthetic, cached) and the in-process baseline
-def synthetic_vectors(n: int, dim: int, clusters: int, seed: int, chunk: int = 100_000):
-    """Gaussian mixture on the unit sphere, generated in chunks (yields float32 [m, dim])."""
+def synthetic_vectors(n: int, dim: int, clusters: int, seed: int, spread: float = 0.6, chunk: int = 100_000):
+    """Gaussian mixture of unit vectors (the index bench's recipe: ``clusters`` random unit centres plus isotropic
+    noise of norm ~``spread``), generated in chunks; yields (start, float32 [m, dim], labels)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((clusters, dim)).astype(np.float32)
-    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        lab = rng.integers(0, clusters, m)
-        x = centers[lab] + rng.standard_normal((m, dim)).astype(np.float32) * (0.6 / np.sqrt(dim) ** 0.5)
+        lab = rng.integers(clusters, size=m)
+        x = centres[lab] + rng.standard_normal((m, dim)).astype(np.float32) * (spread / np.sqrt(dim))
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        yield start, x.astype(np.float32), lab
+        yield start, np.ascontiguousarray(x, dtype=np.float32), lab
 
 
 def build_index(workdir: Path, n: int, dim: int, clusters: int, recall_target: float, seed: int,
                 index_key: str | None) -> Path:
-    root = workdir / f"index_n{n}_d{dim}_c{clusters}_s{seed}" / "root"
+    """Synthetic embeddings (cached) -> index.build.build_and_publish in a child process (frees its memory)."""
+    tag = f"n{n}_d{dim}_c{clusters}_s{seed}" + (f"_{index_key.replace(',', '-')}" if index_key else "")
+    root = workdir / f"index_{tag}"
     if (root / "CURRENT").exists():
         print(f"[index] reusing {root}", file=sys.stderr)
         return root
@@ -201,23 +204,26 @@ def build_index(workdir: Path, n: int, dim: int, clusters: int, recall_target: f
 
         cats = ["Shoes", "Mugs", "Shirts", "Lamps", "Watches", "Bags", "Books"]
         t0 = time.time()
-        parts = []
-        for start, x, lab in synthetic_vectors(n, dim, clusters, seed):
+        for part, (start, x, lab) in enumerate(synthetic_vectors(n, dim, clusters, seed)):
             ids = [f"P{start + i:08d}" for i in range(len(x))]
             meta = {"title": [f"product {start + i}" for i in range(len(x))],
                     "category": [cats[int(c) % len(cats)] for c in lab],
-                    "price": (np.asarray(lab, dtype=np.float64) % 97 + 1.0) * 10.0}
-            parts.append(write_embeddings(str(emb), ids, x, metadata=meta, part=len(parts)))
+                    "price": ((np.asarray(lab, dtype=np.float64) % 97) + 1.0) * 10.0}
+            write_embeddings(emb / f"part-{part:05d}.parquet", ids, x, metadata=meta)  # no model: synthetic
         (emb / "_SUCCESS").write_text("ok")
         print(f"[index] wrote {n} x {dim} synthetic embeddings in {time.time() - t0:.0f} s", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pipelines.cli", "index", "--embeddings", str(emb), "--out", str(root),
-           "--recall-target", str(recall_target), "-k", "10"]
-    if index_key:
-        cmd += ["--index-key", index_key]
-    print(f"[index] {' '.join(cmd)}", file=sys.stderr)
+    code = ("import logging, sys, json; logging.basicConfig(level=logging.INFO, stream=sys.stderr, "
+            "format='%(asctime)s %(name)s: %(message)s');"
+            "from index.build import BuildConfig, build_and_publish;"
+            f"v, m = build_and_publish({str(emb)!r}, {str(root)!r}, BuildConfig(index_key={index_key or 'auto'!r}, "
+            f"recall_target={recall_target}, k=10));"
+            "print(json.dumps({'version': v, 'index_key': m['index_key'], 'build': m['build'], "
+            "'measured': m['measured'], 'search_params': m['search_params']}))")
+    print(f"[index] building {n} x {dim} with index.build (recall target {recall_target})", file=sys.stderr)
     t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=str(REPO))
-    print(f"[index] built in {time.time() - t0:.0f} s", file=sys.stderr)
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), check=True, stdout=subprocess.PIPE, text=True)
+    (workdir / f"index_{tag}.build.json").write_text(out.stdout)
+    print(f"[index] built in {time.time() - t0:.0f} s: {out.stdout.strip()[:500]}", file=sys.stderr)
     return root
 
 
@@ -320,8 +326,7 @@ def run_load(port: int, ids_file: str, duration: float, concurrency: int, rate: 
              server_pid: int, token: str | None) -> dict:
     cmd = [sys.executable, __file__, "--loadgen", "--port", str(port), "--ids-file", ids_file, "--duration",
            str(duration), "--concurrency", str(concurrency), "--k", str(k)]
-    if rate:
-        cmd += ["--rate", str(rate)]
+    cmd += ["--rate", str(rate or 0)]
     env = dict(os.environ, BENCH_TOKEN=token or "")
     s0 = _proc_cpu(server_pid)
     t0 = time.perf_counter()

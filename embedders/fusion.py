@@ -112,13 +112,17 @@ def fuse(vectors: Mapping[str, np.ndarray | None], cfg: FusionConfig, dims: Mapp
     return (v / n).astype(np.float32)
 
 
-def query_vector(modality: str, vec: np.ndarray, cfg: FusionConfig, dims: Mapping[str, int],
+def query_vector(modality: str, vec: np.ndarray, cfg: "FusionConfig | Mapping[str, Any]", dims: Mapping[str, int],
                  aligned: bool = True) -> np.ndarray:
     """Map a single-modality query vector (``text`` or ``image``) into the fused space.
 
     ``sum``: the vector itself (one shared space). ``concat``: a text query fills the text and reviews blocks, an
     image query the image block; with an aligned model a query also fills the other modality's blocks (cross-modal).
     """
+    if not isinstance(cfg, FusionConfig):
+        cfg = FusionConfig.from_dict(cfg or {})
+    dims = dict(dims)
+    dims.setdefault("reviews", dims.get("text"))
     u = _unit(vec)
     if u is None:
         raise ValueError("query vector is zero or not finite")

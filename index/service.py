@@ -96,8 +96,12 @@ def _clean(v: Any) -> Any:
     return str(v)
 
 
-def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None, clean: bool = True) -> Response:
-    body = json.dumps(_clean(obj) if clean else obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """Strict JSON (no NaN). The index library already returns JSON-safe values, so cleaning is the slow path."""
+    try:
+        body = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):
+        body = json.dumps(_clean(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     return Response(body.encode("utf-8"), status_code=status, media_type="application/json", headers=headers)
 
 
@@ -110,91 +114,73 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Index library adapter: everything the service needs from index.search / index.store / index.filters.
-def _default_loader(root: str, version: str, mmap: bool, verify: bool):
+# Index library adapter: what the service uses from index.search / index.store / index.filters.
+def _default_loader(root: str, version: str, mmap: bool, verify: bool, encoder: Any = None):
     from index.search import ProductIndex
 
-    return ProductIndex.load(root, version=version, mmap=mmap, verify=verify)
+    kw = {"encoder": encoder} if encoder is not None else {}
+    return ProductIndex.load(root, version=version, mmap=mmap, verify=verify, **kw)
 
 
 def read_current(root: str) -> str | None:
-    """The version CURRENT names, or None when nothing is published yet."""
-    try:
-        from index import store
-        fn = getattr(store, "current_version", None) or getattr(store, "read_current", None)
-    except ImportError:
-        fn = None
-    if fn is not None:
-        try:
-            v = fn(root)
-        except FileNotFoundError:
-            return None
-        return str(v) if v else None
-    try:
-        with open(os.path.join(root, "CURRENT"), encoding="utf-8") as f:
-            v = f.read().strip()
-    except FileNotFoundError:
-        return None
-    return v or None
+    """The version CURRENT names, or None when nothing is published yet (``index.store.read_current``)."""
+    from index.store import read_current as _read_current
+
+    return _read_current(root)
 
 
-def _unknown_product_error():
-    from index.search import UnknownProductError
-
-    return UnknownProductError
-
-
-def _filter_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions the filter parser / library raise for a bad filter."""
-    from embedders.errors import UserError
-
-    errs: list[type[BaseException]] = [UserError, ValueError, TypeError]
-    try:
-        from index import filters as f
-        for name in ("FilterError", "FilterSyntaxError"):
-            e = getattr(f, name, None)
-            if isinstance(e, type) and issubclass(e, BaseException):
-                errs.insert(0, e)
-    except ImportError:
-        pass
-    return tuple(errs)
-
-
-def parse_filter_strings(exprs: list[str]) -> dict[str, Any] | None:
-    """Grammar strings (``field=value``, ``field=v1,v2``, ``field<x`` ...) -> the JSON form, via index.filters."""
-    if not exprs:
-        return None
-    from index import filters as f
-
-    parse = getattr(f, "parse_filters", None) or getattr(f, "parse")
-    return parse(list(exprs))
-
-
-def _model_identity(manifest: dict[str, Any]) -> str | None:
+def _model_dict(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The embedding model a version records, as ``ProductIndex.model`` builds it (model dict + model_id,
+    random_init)."""
     m = manifest.get("model")
-    if isinstance(m, dict):
-        spec = m.get("spec")
-        mid = m.get("model_id") or m.get("id")
-        return json.dumps({"id": mid, "spec": spec}, sort_keys=True, default=str) if (mid or spec) else None
-    if m:
-        return str(m)
-    return manifest.get("model_id")
+    model = dict(m) if isinstance(m, dict) else {}
+    for key in ("model_id", "random_init"):
+        if key not in model and key in manifest:
+            model[key] = manifest[key]
+    return model
+
+
+def _model_spec(model: dict[str, Any]) -> dict[str, Any] | None:
+    """The ModelSpec dict: ``model["spec"]`` or, as the embed provenance records it, ``model["model"]["spec"]``."""
+    nested = model.get("model") if isinstance(model.get("model"), dict) else {}
+    spec = model.get("spec") or nested.get("spec")
+    return dict(spec) if isinstance(spec, dict) else None
+
+
+def _model_identity(model: dict[str, Any]) -> str | None:
+    """What must be equal for two versions to share a query encoder: model id, spec, fusion and dims."""
+    if not model.get("model_id"):
+        return None
+    ident = {k: model.get(k) for k in ("model_id", "fusion", "modality_dims")}
+    ident["spec"] = _model_spec(model)
+    return json.dumps(ident, sort_keys=True, default=str)
+
+
+def _model_summary(model: dict[str, Any]) -> dict[str, Any] | None:
+    if not model:
+        return None
+    out = {k: model.get(k) for k in ("model_id", "random_init", "fusion", "modality_dims") if k in model}
+    spec = _model_spec(model)
+    if spec is not None:
+        out["spec"] = spec
+    return out
 
 
 def _index_info(version: str, manifest: dict[str, Any], n: int, dim: int, loaded_at: float) -> dict[str, Any]:
-    tuning = manifest.get("tuning") if isinstance(manifest.get("tuning"), dict) else {}
     measured = manifest.get("measured") if isinstance(manifest.get("measured"), dict) else {}
-    recall = manifest.get("recall", tuning.get("recall", measured.get("recall")))
+    model = _model_dict(manifest)
     info = {
         "version": version,
         "index_key": manifest.get("index_key"),
         "n": int(n),
         "dim": int(dim),
-        "model": manifest.get("model"),
-        "recall": recall,
+        "model": _model_summary(model),
+        "recall": measured.get("recall_at_k", manifest.get("recall")),
+        "recall_k": measured.get("k"),
         "created_at": manifest.get("created_at"),
         "metric": manifest.get("metric"),
         "search_params": manifest.get("search_params"),
+        "latency_ms": measured.get("latency_ms"),
         "loaded_at": _dt.datetime.fromtimestamp(loaded_at, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
     return _clean(info)
@@ -204,21 +190,22 @@ def _index_info(version: str, manifest: dict[str, Any], n: int, dim: int, loaded
 # Snapshot + watcher
 @dataclass(frozen=True)
 class Snapshot:
-    """One loaded version. Immutable: a reload builds a new one and swaps the reference."""
+    """One loaded version with its query encoder. Immutable: a reload builds a new one and swaps the reference."""
 
-    index: Any  # index.search.ProductIndex (carries its query encoder)
+    index: Any  # index.search.ProductIndex
     version: str
     manifest: dict[str, Any]
     n: int
     dim: int
-    model: str | None
+    model: str | None  # _model_identity(); None = no model recorded (text/image queries impossible)
+    encoder: Any  # embedders.encoder.Encoder handed to the index, or None (lazy / none)
+    encoder_ok: bool | None  # True: warmed up; False: failed (text/image -> 503); None: not tried
     info: dict[str, Any]
     loaded_at: float
-    encoder_ok: bool | None = None  # True: warmed up; False: failed (text/image -> 503); None: not tried
 
 
 class LoadRefused(Exception):
-    """A version that loaded but must not be served (dimension mismatch, encoder failure)."""
+    """A version that loaded but must not be served (dimension mismatch, query encoder failure)."""
 
 
 @dataclass
@@ -235,8 +222,7 @@ class ServiceConfig:
     verify: bool = True
     warm_encoder: bool = True  # load + check the query encoder before a version goes live
     max_retry_backoff_s: float = 300.0
-    loader: Callable[..., Any] | None = None  # (root, version, mmap, verify) -> ProductIndex; tests inject one
-    extra: dict[str, Any] = field(default_factory=dict)
+    loader: Callable[..., Any] | None = None  # (root, version, mmap, verify, encoder=None) -> ProductIndex
 
 
 class IndexHolder:
@@ -251,43 +237,65 @@ class IndexHolder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
-        self._failed: dict[str, tuple[float, int]] = {}  # version -> (next retry monotonic, attempts)
+        self._failed: dict[str, tuple[float, int]] = {}  # version -> (next retry, monotonic s; attempts)
 
     @property
     def snapshot(self) -> Snapshot | None:
         return self._snap
 
     # -- loading
+    def _encoder_for(self, model: dict[str, Any], ident: str | None, old: Snapshot | None):
+        """The query encoder for ``model``: the live one when the model is the same, else a freshly loaded one."""
+        if old is not None and old.encoder is not None and ident == old.model:
+            return old.encoder
+        from embedders.encoder import load_query_encoder
+
+        spec = _model_spec(model)  # the embed provenance nests it: {"model": {"spec": {...}}}
+        return load_query_encoder({"spec": spec} if spec is not None else model,
+                                  limits={"max_pixels": self.cfg.max_image_pixels,
+                                          "max_bytes": self.cfg.max_body_bytes})
+
     def _load(self, version: str) -> Snapshot:
+        from index.store import VERSIONS_DIR, read_manifest
+
         t0 = time.monotonic()
-        ix = self._loader(self.cfg.index_root, version, self.cfg.mmap, self.cfg.verify)
-        manifest = dict(getattr(ix, "manifest", None) or {})
-        dim, n = int(ix.dim), int(ix.n)
-        model = _model_identity(manifest)
         old = self._snap
-        if manifest.get("dim") is not None and int(manifest["dim"]) != dim:
-            raise LoadRefused(f"version {version}: manifest dim {manifest['dim']} != index dim {dim}")
-        encoder_ok = None
-        if self.cfg.warm_encoder and _has_query_model(manifest):
+        model = _model_dict(read_manifest(os.path.join(self.cfg.index_root, VERSIONS_DIR, version)))
+        ident = _model_identity(model)
+        encoder, encoder_ok, encoder_error = None, None, None
+        if self.cfg.warm_encoder and ident is not None:
             try:
-                ix.search(text="warm-up query", k=1)  # loads the model; fails if its output dim != the index dim
+                encoder = self._encoder_for(model, ident, old)
+            except Exception as e:  # noqa: BLE001 - judged below
+                encoder_error = f"{type(e).__name__}: {str(e)[:300]}"
+        ix = self._loader(self.cfg.index_root, version, self.cfg.mmap, self.cfg.verify, encoder=encoder)
+        manifest = dict(ix.manifest or {})
+        dim, n = int(ix.dim), int(ix.n)
+        if n > 0:  # warm-up: builds the id -> position map (and an IVF direct map) before requests arrive
+            ix.similar(ix.product_ids[0].as_py(), k=1)
+        if encoder is not None:
+            try:  # loads nothing new; checks the encoder + fusion produce vectors of this index's dim
+                ix.query_vector(text="warm-up query")
                 encoder_ok = True
-            except Exception as e:  # noqa: BLE001 - any failure of the new model is reported below
-                msg = f"{type(e).__name__}: {str(e)[:300]}"
-                if old is not None and old.encoder_ok:  # serving it would break text/image search
-                    raise LoadRefused(f"version {version}: query encoder failed: {msg}") from None
-                log.warning("version %s: query encoder unavailable (%s); text/image search will answer 503",
-                            version, msg)
-                encoder_ok = False
-        if old is not None and dim != old.dim and not (model != old.model and encoder_ok):
-            raise LoadRefused(f"version {version}: dimension {dim} != live version {old.version}'s {old.dim} "
-                              f"without a checked model change; refusing")
+            except Exception as e:  # noqa: BLE001
+                encoder_error = f"{type(e).__name__}: {str(e)[:300]}"
+        if encoder_error is not None:
+            if old is not None and old.encoder_ok:  # serving it would break text/image search
+                raise LoadRefused(f"query encoder for model {model.get('model_id')} failed: {encoder_error}")
+            log.warning("version %s: query encoder unavailable (%s); text/image search will answer 503", version,
+                        encoder_error)
+            encoder_ok, encoder = False, None
+        if old is not None and dim != old.dim and not (ident != old.model and encoder_ok):
+            raise LoadRefused(f"dimension {dim} != {old.dim} of the live version {old.version} "
+                              + ("with the same model" if ident == old.model else
+                                 "and its new model's query encoder was not checked")
+                              + "; refusing (clients' vectors would no longer fit)")
         now = time.time()
-        snap = Snapshot(index=ix, version=str(getattr(ix, "version", version) or version), manifest=manifest, n=n,
-                        dim=dim, model=model, info=_index_info(version, manifest, n, dim, now), loaded_at=now,
-                        encoder_ok=encoder_ok)
-        log.info("loaded index version %s (n=%d, dim=%d, key=%s) in %.2f s", snap.version, n, dim,
-                 manifest.get("index_key"), time.monotonic() - t0)
+        snap = Snapshot(index=ix, version=version, manifest=manifest, n=n, dim=dim, model=ident, encoder=encoder,
+                        encoder_ok=encoder_ok, info=_index_info(version, manifest, n, dim, now), loaded_at=now)
+        log.info("loaded index version %s (n=%d, dim=%d, key=%s%s) in %.2f s", version, n, dim,
+                 manifest.get("index_key"), ", new query model " + str(model.get("model_id"))
+                 if old is not None and ident != old.model else "", time.monotonic() - t0)
         return snap
 
     def check_now(self) -> bool:
@@ -309,8 +317,8 @@ class IndexHolder:
             except Exception as e:  # noqa: BLE001 - a bad version never takes the service down
                 self._note_failure(target, f"{type(e).__name__}: {str(e)[:500]}")
                 return False
-            self._snap = snap  # the swap: one reference assignment
-            self._failed.pop(target, None)
+            self._snap = snap  # the swap: one reference assignment; requests hold the snapshot they started with
+            self._failed.clear()
             self.last_error = None
             self.metrics.on_swap(snap, old)
             if old is not None:
@@ -323,10 +331,8 @@ class IndexHolder:
         if version is not None:
             _, attempts = self._failed.get(version, (0.0, 0))
             delay = min(self.cfg.max_retry_backoff_s, max(self.cfg.reload_interval_s, 1.0) * (2 ** attempts))
-            self._failed[version] = (time.monotonic() + delay, attempts + 1)
-            # a different version named later is tried at once; forget stale entries
-            for v in [v for v in self._failed if v != version]:
-                self._failed.pop(v)
+            # only the latest failing version is remembered: another name in CURRENT is tried at once
+            self._failed = {version: (time.monotonic() + delay, attempts + 1)}
         live = self._snap.version if self._snap else None
         log.error("index reload failed (%s); still serving %s", self.last_error, live or "nothing")
 
@@ -359,11 +365,16 @@ class IndexHolder:
         return snap
 
 
-def _has_query_model(manifest: dict[str, Any]) -> bool:
-    m = manifest.get("model")
-    if isinstance(m, dict):
-        return bool(m.get("spec") or m.get("name"))
-    return False
+def _check_image_header(data: bytes, max_pixels: int) -> None:
+    """Refuse a decompression bomb from its header alone (no pixel decoded), whatever encoder decodes it later."""
+    from embedders.images import declared_size
+
+    try:
+        w, h = declared_size(data)
+    except Exception:  # noqa: BLE001 - PIL raises many types for non-images
+        raise ApiError(422, "not_an_image", "image bytes are not a recognised image format") from None
+    if w * h > max_pixels:
+        raise ApiError(422, "decompression_bomb", f"declared size {w}x{h} = {w * h} pixels > the {max_pixels} cap")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,10 +423,7 @@ class Metrics:
 
 
 def _model_label(s: Snapshot) -> str:
-    m = s.manifest.get("model")
-    if isinstance(m, dict):
-        return str(m.get("model_id") or m.get("id") or m.get("name") or "")
-    return str(m or "")
+    return str(_model_dict(s.manifest).get("model_id") or "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -673,30 +681,15 @@ def create_app(index_root: str, token: str | None = None, max_k: int = DEFAULT_M
     app.state.metrics = metrics
 
     KInt, SearchRequest, BatchRequest = _models(cfg)
-    from embedders.images import ImageLimits
-
-    image_limits = ImageLimits(max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_body_bytes)
-    unknown_product = None  # resolved lazily (index.search imported on first use)
-
-    def _unknown_cls():
-        nonlocal unknown_product
-        if unknown_product is None:
-            unknown_product = _unknown_product_error()
-        return unknown_product
-
-    filter_errors = None
-
-    def _ferrs():
-        nonlocal filter_errors
-        if filter_errors is None:
-            filter_errors = _filter_errors()
-        return filter_errors
+    from embedders.errors import RecordError, UserError
+    from index.filters import FilterError, parse_filters
+    from index.search import UnknownProductError
 
     # -- auth
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <SHOPVEC_API_TOKEN>")
     expected = cfg.token.encode("utf-8") if cfg.token else None
 
-    def require_token(cred: Annotated[Optional[HTTPAuthorizationCredentials], Depends(bearer)]) -> None:
+    async def require_token(cred: Annotated[Optional[HTTPAuthorizationCredentials], Depends(bearer)]) -> None:
         given = cred.credentials.encode("utf-8", "surrogateescape") if cred is not None else b""
         # compare_digest on bytes: constant time for equal lengths, and no early exit on the first different byte
         if not hmac.compare_digest(given, expected):
@@ -735,6 +728,8 @@ def create_app(index_root: str, token: str | None = None, max_k: int = DEFAULT_M
         code = {404: "not_found", 405: "method_not_allowed", 400: "invalid_request"}.get(exc.status_code,
                                                                                          f"http_{exc.status_code}")
         msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in msg:  # e.g. a body that is not UTF-8
+            code, msg = "invalid_json", "the request body is not valid JSON (UTF-8)"
         if exc.status_code == 404 and msg == "Not Found":
             msg = f"no route {request.method} {request.url.path}"
         return error_response(exc.status_code, code, msg, getattr(exc, "headers", None))
@@ -744,37 +739,49 @@ def create_app(index_root: str, token: str | None = None, max_k: int = DEFAULT_M
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal_error", "internal error; the service log has the details")
 
-    # -- query helpers
-    def _parse_get_filters(exprs: list[str]) -> dict[str, Any] | None:
+    # -- query helpers (run in the threadpool; every library error for bad input becomes a 4xx)
+    def _filters(spec: Any):
+        if spec is None or spec == [] or spec == {}:
+            return None
         try:
-            return parse_filter_strings(exprs)
-        except _ferrs() as e:
+            return parse_filters(spec)
+        except FilterError as e:
             raise ApiError(422, "invalid_filter", str(e)[:500]) from None
 
-    def _similar(snap: Snapshot, product_id: str, k: int, filters) -> list:
-        try:
-            return snap.index.similar(product_id, k=k, filters=filters)
-        except _unknown_cls():
-            raise ApiError(404, "unknown_product",
-                           f"unknown product_id {product_id!r} in index version {snap.version}") from None
-        except _ferrs() as e:
-            if filters:
-                raise ApiError(422, "invalid_filter", str(e)[:500]) from None
-            raise
+    def _json_filters(filters: Optional[dict[str, Any]]):
+        if filters is None:
+            return None
+        return _filters({k: (v.model_dump(exclude_none=True) if isinstance(v, RangeFilter) else v)
+                         for k, v in filters.items()})
 
-    def _encoded_search(snap: Snapshot, **kw) -> list:
-        if not _has_query_model(snap.manifest):
-            raise ApiError(422, "unsupported_query", f"index version {snap.version} records no query model; only "
-                                                     f"vector and product_id queries work on it")
-        if snap.encoder_ok is False:
-            raise ApiError(503, "encoder_unavailable", f"the query encoder of version {snap.version} failed to load; "
-                                                       f"vector and product_id queries still work")
+    def _lib_call(fn: Callable, *a, **kw):
         try:
-            return snap.index.search(**kw)
-        except _ferrs() as e:
-            if kw.get("filters"):
-                raise ApiError(422, "invalid_filter", str(e)[:500]) from None
+            return fn(*a, **kw)
+        except UnknownProductError as e:
+            raise ApiError(404, "unknown_product", str(e)[:500]) from None
+        except FilterError as e:
+            raise ApiError(422, "invalid_filter", str(e)[:500]) from None
+        except UserError as e:  # the library's own checks on queries (shape, NaN, zero, k, ...)
             raise ApiError(422, "invalid_request", str(e)[:500]) from None
+
+    def _query_vector(snap: Snapshot, **kw):
+        """Text/image -> index-space vector with the snapshot's query encoder."""
+        if snap.model is None:
+            raise ApiError(422, "unsupported_query", f"index version {snap.version} records no embedding model; "
+                                                     f"only vector and product_id queries work on it")
+        if snap.encoder_ok is False:
+            raise ApiError(503, "encoder_unavailable", f"the query encoder of version {snap.version} failed to "
+                                                       f"load; vector and product_id queries still work")
+        try:
+            return snap.index.query_vector(**kw)
+        except RecordError as e:  # bad image (corrupt, not an image, bomb)
+            raise ApiError(422, e.error, e.message) from None
+        except UserError as e:
+            raise ApiError(422, "invalid_request", str(e)[:500]) from None
+        except Exception:  # noqa: BLE001 - the model failed, not the request
+            log.exception("query encoder failed on version %s", snap.version)
+            raise ApiError(503, "encoder_unavailable", f"the query encoder of version {snap.version} failed; "
+                                                       f"vector and product_id queries still work") from None
 
     def _page(snap: Snapshot, results: list) -> Response:
         return json_response({"version": snap.version, "results": results})
@@ -787,90 +794,70 @@ def create_app(index_root: str, token: str | None = None, max_k: int = DEFAULT_M
                 filter: Annotated[list[str], Query(description="repeatable: field=value, field=v1,v2, field<x, "
                                                                "field<=x, field>x, field>=x")] = []):  # noqa: B006
         snap = holder.require()
-        filters = _parse_get_filters(filter)
-        return _page(snap, _similar(snap, product_id, k, filters))
+        flt = _filters(filter)
+        return _page(snap, _lib_call(snap.index.similar, product_id, k=k, filters=flt))
 
     @app.post("/v1/search", response_model=QueryResponse, responses=ERRORS, dependencies=auth, tags=["query"],
               summary="Search by exactly one of text, vector, image (base64) or product_id")
     def search(req: SearchRequest):
         snap = holder.require()
-        filters = req.filters
-        if filters is not None:
-            filters = {k: (v.model_dump(exclude_none=True) if isinstance(v, RangeFilter) else v)
-                       for k, v in filters.items()}
+        flt = _json_filters(req.filters)
         if req.product_id is not None:
-            return _page(snap, _similar(snap, req.product_id, req.k, filters))
+            return _page(snap, _lib_call(snap.index.similar, req.product_id, k=req.k, filters=flt))
         if req.vector is not None:
             if len(req.vector) != snap.dim:
                 raise ApiError(422, "dimension_mismatch", f"vector has {len(req.vector)} values; index version "
                                                           f"{snap.version} has dim {snap.dim}")
             import numpy as np
 
-            vec = np.asarray(req.vector, dtype=np.float32)
+            with np.errstate(over="ignore"):
+                vec = np.asarray(req.vector, dtype=np.float32)
             norm = float(np.linalg.norm(vec))
             if not math.isfinite(norm) or norm == 0.0:
-                raise ApiError(422, "invalid_vector", "vector is zero or overflows float32")
-            try:
-                res = snap.index.search(vector=vec, k=req.k, filters=filters)
-            except _ferrs() as e:
-                raise ApiError(422, "invalid_filter" if filters else "invalid_vector", str(e)[:500]) from None
-            return _page(snap, res)
+                raise ApiError(422, "invalid_vector", "vector is all zeros or overflows float32")
+            return _page(snap, _lib_call(snap.index.search, vec, k=req.k, filters=flt))
         if req.text is not None:
             if not req.text.strip():
                 raise ApiError(422, "invalid_request", "text is blank")
-            return _page(snap, _encoded_search(snap, text=req.text, k=req.k, filters=filters))
-        # image
+            q = _query_vector(snap, text=req.text)
+            return _page(snap, _lib_call(snap.index.search, q, k=req.k, filters=flt))
         try:
             data = base64.b64decode(req.image, validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(422, "invalid_image", "image is not valid base64") from None
-        from embedders.errors import RecordError
-        from embedders.images import decode_image
-
-        if not _has_query_model(snap.manifest) or snap.encoder_ok is False:
-            return _page(snap, _encoded_search(snap, image=data, k=req.k, filters=filters))  # raises the 4xx/503
-        try:
-            img = decode_image(data, image_limits)
-        except RecordError as e:
-            raise ApiError(422, e.error, e.message) from None
-        return _page(snap, _encoded_search(snap, image=img, k=req.k, filters=filters))
+        if not data:
+            raise ApiError(422, "invalid_image", "image is empty")
+        _check_image_header(data, cfg.max_image_pixels)
+        q = _query_vector(snap, image=data)
+        return _page(snap, _lib_call(snap.index.search, q, k=req.k, filters=flt))
 
     @app.post("/v1/similar:batch", response_model=BatchResponse, responses=ERRORS, dependencies=auth,
               tags=["query"], summary="Similar products for many product ids (unknown ids get a per-item error)")
     def similar_batch(req: BatchRequest):
         snap = holder.require()
-        filters = req.filters
-        if filters is not None:
-            filters = {k: (v.model_dump(exclude_none=True) if isinstance(v, RangeFilter) else v)
-                       for k, v in filters.items()}
+        flt = _json_filters(req.filters)
         ids = list(req.product_ids)
-        try:
-            lists = snap.index.similar_batch(ids, k=req.k, filters=filters)
-            items = [{"product_id": pid, "results": res} for pid, res in zip(ids, lists)]
-        except _unknown_cls():
-            items = []
-            for pid in ids:
-                try:
-                    items.append({"product_id": pid, "results": snap.index.similar(pid, k=req.k, filters=filters)})
-                except _unknown_cls():
-                    items.append({"product_id": pid, "results": None,
-                                  "error": {"code": "unknown_product",
-                                            "message": f"unknown product_id {pid!r} in index version "
-                                                       f"{snap.version}"}})
-                except _ferrs() as e:
-                    raise ApiError(422, "invalid_filter", str(e)[:500]) from None
-        except _ferrs() as e:
-            raise ApiError(422, "invalid_filter", str(e)[:500]) from None
+        known = [pid for pid in ids if pid in snap.index]
+        lists = _lib_call(snap.index.similar_batch, known, k=req.k, filters=flt) if known else []
+        found = dict(zip(known, lists))
+        items = []
+        for pid in ids:
+            if pid in found:
+                items.append({"product_id": pid, "results": found[pid]})
+            else:
+                items.append({"product_id": pid, "results": None,
+                              "error": {"code": "unknown_product",
+                                        "message": f"unknown product_id {pid!r} in index version {snap.version}"}})
         return json_response({"version": snap.version, "results": items})
 
     @app.get("/v1/index", response_model=IndexInfo, responses=ERRORS, dependencies=auth, tags=["index"],
              summary="The live index version")
     def index_info():
-        return json_response(holder.require().info, clean=False)
+        return json_response(holder.require().info)
 
     @app.get("/healthz", response_model=Status, tags=["ops"], summary="The process is alive")
     async def healthz():
-        return json_response({"status": "ok"}, clean=False)
+        return json_response({"status": "ok"})
 
     @app.get("/readyz", response_model=Status, responses={503: {"model": ErrorResponse}}, tags=["ops"],
              summary="An index is loaded")

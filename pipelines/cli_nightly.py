@@ -22,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set gates.max_row_drop_pct=5 (repeatable)")
     p.add_argument("--force", action="store_true",
-                   help="skip the 'no change' fingerprint short-circuit (content keys are still compared)")
+                   help="rebuild, gate and publish a new version even when nothing changed (e.g. after an index "
+                        "library upgrade); changed products are still the only ones embedded")
     p.add_argument("--report", metavar="PATH", help="also write the JSON report here")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the summary")
     p.set_defaults(func=run)
@@ -32,8 +33,16 @@ def run(args) -> int:
     from .config import load_config
     from .nightly import _write_json_atomic, run_nightly, summary_text
 
-    cfg = load_config(args.config, list(args.set))
-    result = run_nightly(cfg, force=args.force)
+    from embedders.errors import UserError
+
+    try:
+        cfg = load_config(args.config, list(args.set))
+        result = run_nightly(cfg, force=args.force)
+    except UserError as e:  # the config cannot be used: no state directory to report into, but --report gets it
+        if args.report:
+            _write_json_atomic(args.report, {"status": "failed", "exit_code": e.exit_code, "config_file": args.config,
+                                             "error": {"stage": "config", "type": "UserError", "message": str(e)}})
+        raise
     if args.report:
         _write_json_atomic(args.report, result.report)
     if args.json:

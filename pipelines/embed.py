@@ -619,9 +619,10 @@ def _metric_counters(result) -> dict[str, int]:
     return out
 
 
-def provenance_for(cfg: Config, dims: dict[str, int], runner: str) -> dict[str, Any]:
+def provenance_for(cfg: Config, dims: dict[str, int], runner: str, aligned: bool = True) -> dict[str, Any]:
     spec = cfg.model
-    return {"model_id": spec.model_id, "random_init": spec.random_init, "model": {"spec": spec.to_dict()},
+    return {"model_id": spec.model_id, "random_init": spec.random_init, "aligned": aligned,
+            "model": {"spec": spec.to_dict(), "aligned": aligned},
             "dim": fused_dim(cfg.fusion, dims), "modality_dims": {"image": dims["image"], "text": dims["text"]},
             "fusion": cfg.fusion.to_dict(), "config_hash": cfg.embedding_hash, "full_config_hash": cfg.hash,
             "code_version": code_version(), "created_at": utc_now(), "runner": runner}
@@ -684,7 +685,7 @@ def run_embed(cfg: Config, products: str, reviews: str | None, out: str, runner:
     if spec.random_init:
         log.warning("RANDOM-INIT MODEL %s: the vectors of this run are random features (fine for tests and demos, "
                     "meaningless for recommendations); outputs are marked random_init=true", spec.model_id)
-    provenance = provenance_for(cfg, dims, runner)
+    provenance = provenance_for(cfg, dims, runner, aligned)
     staging = os.path.join(os.path.abspath(out) + ".staging-" + uuid.uuid4().hex[:8])
     os.makedirs(staging)
     log.info("embedding %d product rows from %d file(s)%s with %s on %s -> %s", ptable.num_rows, len(ptable.paths),

@@ -569,19 +569,21 @@ def _target_schema(cfg: Config, scan: CatalogScan, src: pa.Table | None, provena
 
 
 def _provenance(cfg: Config, src: pa.Table | None, runner: str, plan: Plan, base: str | None) -> dict[str, Any]:
-    """The pipeline's provenance record (model, dims, fusion, ...) refreshed for this merge."""
+    """The embed pipeline's provenance record (model, dims, fusion, ...), refreshed for this merge.
+
+    Taken from the embeddings being merged (same ``embedding_hash``, hence same model and fusion); only when there
+    is nothing to take it from is it built as the pipeline builds it (which imports Beam).
+    """
     if src is not None:
         p = json.loads(src.schema.metadata[b"shopvec"])
     else:
-        from embedders.fusion import fused_dim, modality_dims
+        from embedders.fusion import modality_dims
         from embedders.models import output_dims
 
-        dims = modality_dims(*output_dims(cfg.model))
-        p = {"dim": fused_dim(cfg.fusion, dims), "modality_dims": {"image": dims["image"], "text": dims["text"]}}
-    spec = cfg.model
-    p.update({"model_id": spec.model_id, "random_init": spec.random_init, "model": {"spec": spec.to_dict()},
-              "fusion": cfg.fusion.to_dict(), "config_hash": cfg.embedding_hash, "full_config_hash": cfg.hash,
-              "code_version": code_version(), "created_at": utc_now(), "runner": runner,
+        from .embed import provenance_for
+
+        p = provenance_for(cfg, modality_dims(*output_dims(cfg.model)), runner)
+    p.update({"full_config_hash": cfg.hash, "code_version": code_version(), "created_at": utc_now(), "runner": runner,
               "incremental": {"base": base, **{k: v for k, v in plan.counts().items() if k != "reason"}}})
     return p
 
@@ -599,8 +601,14 @@ def _dead_summary(dead: pa.Table, merged: pa.Table) -> dict[str, Any]:
     mods: dict[str, int] = {}
     for m in merged.column("modalities").to_pylist():
         mods[m] = mods.get(m, 0) + 1
+    # catalog rows with at least one dead letter: each validate/dedup letter is its own row; the other stages'
+    # letters belong to the product's (winning) row, which counts once however many letters it has
+    row_level = sum(1 for st in dead.column("stage").to_pylist() if st in ("validate", "dedup"))
+    product_level = {pid for pid, st in zip(dead.column("product_id").to_pylist(), dead.column("stage").to_pylist())
+                     if st not in ("validate", "dedup")}
     return {"embedded": merged.num_rows, "partial": len(image_failed & ids), "by_modalities": mods,
-            "dead_letters": dead.num_rows, "dead_letter_products": len(not_embedded), "dead_by_stage": by_stage}
+            "dead_letters": dead.num_rows, "dead_letter_products": len(not_embedded), "dead_by_stage": by_stage,
+            "dead_letter_rows": row_level + len(product_level)}
 
 
 DEAD_LETTER_FIELDS = [("product_id", pa.string()), ("stage", pa.string()), ("error", pa.string()),

@@ -38,7 +38,8 @@ inputs never reuse stale work.
 Test hooks (environment variables, for crash tests only):
 
 - ``SHOPVEC_NIGHTLY_CRASH_AFTER=<stage>`` -- SIGKILL this process right after ``<stage>`` finished (its checkpoint
-  written); ``publish:switched`` kills after CURRENT was switched but before state.json was written.
+  written); ``publish:before-switch`` kills inside the store's publish, the version placed but CURRENT not yet
+  switched; ``publish:switched`` kills after CURRENT was switched but before state.json was written.
 - ``SHOPVEC_NIGHTLY_CRASH_DURING=embed`` -- SIGKILL while the Beam embed pipeline is running (as soon as its
   staging output folder exists).
 
@@ -168,18 +169,38 @@ def _load_golden_file(path: str) -> list[dict[str, Any]]:
 
 @dataclass
 class IndexSettings:
-    key: str = "auto"
+    """``[index]``: the build (``index.build.BuildConfig``) and the store's retention."""
+    key: str = "auto"                    # "auto" or any FAISS factory string
     recall_target: float = 0.95
     k: int = 10
-    max_memory: str | None = None
+    max_memory: str | int | None = None  # e.g. "8GB"; None: 80 % of available RAM
     keep_versions: int = 5
-    allow_below_target: bool = False
+    mmap: bool = False
+    build: dict[str, Any] = field(default_factory=dict)  # any other BuildConfig field (tuning_queries, seed, ...)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "IndexSettings":
-        d = cfg.section("index")
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        from index.build import BuildConfig
+
+        d = dict(cfg.section("index"))
+        own = {f.name for f in dataclasses.fields(cls)} - {"build"}
+        build_fields = {f.name for f in dataclasses.fields(BuildConfig)} - {"index_key", "recall_target", "k",
+                                                                            "max_memory"}
+        unknown = sorted(set(d) - own - build_fields)
+        if unknown:
+            raise UserError(f"[index] unknown key(s) {unknown}; known: {sorted(own | build_fields)}")
+        s = cls(**{k: v for k, v in d.items() if k in own},
+                build={k: v for k, v in d.items() if k in build_fields})
+        s.build_config()  # validates
+        if int(s.keep_versions) < 2:
+            raise UserError(f"[index] keep_versions = {s.keep_versions}; expected >= 2 (live + previous)")
+        return s
+
+    def build_config(self):
+        from index.build import BuildConfig, parse_memory
+
+        return BuildConfig(index_key=str(self.key), recall_target=float(self.recall_target), k=int(self.k),
+                           max_memory=parse_memory(self.max_memory), **self.build)
 
     def digest(self) -> str:
         return config_hash(dataclasses.asdict(self))
@@ -527,24 +548,79 @@ class IndexAdapter:
     def current(self) -> str | None:
         from index import store
 
-        return store.current_version(self.root)
+        return store.read_current(self.root) if os.path.isdir(self.root) else None
 
     def manifest(self, version: str) -> dict[str, Any]:
         from index import store
 
-        return store.read_manifest(self.root, version)
+        return store.read_manifest(os.path.join(self.root, store.VERSIONS_DIR, version))
 
     def build(self, embeddings_dir: str, staged_dir: str) -> dict[str, Any]:
-        raise NotImplementedError("bound to index.build once it lands")
+        """Choose, train, tune (``index.build.build_index``) and write the version into ``staged_dir``."""
+        import pyarrow as pa
 
-    def publish(self, staged_dir: str) -> str:
-        raise NotImplementedError
+        from index import build, store
+        from index.embeddings_io import read_embeddings
+        from index.search import apply_search_params
+
+        config = self.s.build_config()
+        emb = read_embeddings(embeddings_dir)
+        ids = pa.array(emb.ids, type=pa.string())
+        result = build.build_index(emb.vectors, ids, config)
+        manifest = build.make_manifest(result, emb, config, bool(self.s.mmap))
+        apply_search_params(result.index, result.search_params)
+        store.write_version_dir(staged_dir, result.index, ids, emb.metadata, manifest)
+        m = result.measured
+        return {"key": result.index_key, "choice_reason": result.choice_reason, "n": int(emb.n), "dim": int(emb.dim),
+                "k": m["k"], "recall": m["recall_at_k"], "search_params": result.search_params,
+                "latency_p50_ms": round(m["latency_ms"]["p50"], 4), "latency_p99_ms": round(m["latency_ms"]["p99"], 4),
+                "batched_qps": round(m["batched_qps"], 1), "below_target": bool(result.below_target),
+                "build_s": result.build.get("total_s")}
 
     def load_staged(self, staged_dir: str):
-        raise NotImplementedError
+        from index.search import ProductIndex
 
-    def retain(self) -> None:
-        pass
+        return ProductIndex.from_directory(staged_dir)
+
+    def publish(self, staged_dir: str, version: str, intent: dict[str, Any], intent_path: str) -> str:
+        """Publish the staged version through ``index.store.publish`` (verified, atomic CURRENT switch).
+
+        ``intent_path`` (the run's ``publish.json``) is written right before the switch, naming the version, so a
+        crash between the switch and state.json is recognised by the next run.
+        """
+        from index import store
+
+        lv = store.load_version_dir(staged_dir, verify=True)
+        manifest = {k: v for k, v in lv.manifest.items() if k not in ("files", "version", "n", "dim")}
+
+        def before_switch(v: str) -> None:
+            _write_json_atomic(intent_path, dict(intent, index_version=v, published_at=utc_now()))
+            _crash_point("publish:before-switch")
+
+        return store.publish(self.root, lv.index, lv.ids, lv.metadata, manifest,
+                             verify=lambda staged: self._verify(staged_dir, staged),
+                             keep=int(self.s.keep_versions), version=version, before_switch=before_switch)
+
+    def _verify(self, gated: str, staged: str, queries: int = 50) -> dict[str, Any]:
+        """The copy the store is about to switch to must answer exactly as the version the gates checked."""
+        import numpy as np
+
+        from index.search import ProductIndex
+
+        a = ProductIndex.from_directory(gated, mmap=bool(self.s.mmap))
+        b = ProductIndex.from_directory(staged, mmap=bool(self.s.mmap))
+        if not a.product_ids.equals(b.product_ids):
+            raise RuntimeError(f"{staged}: ids differ from the gated version {gated}; not publishing")
+        if a.n < 2:
+            return {"queries": 0}
+        pos = np.random.default_rng(1).choice(a.n, size=min(queries, a.n), replace=False)
+        k = min(int(self.s.k), a.n - 1)
+        _, ia = a.similar_positions(pos, k)
+        _, ib = b.similar_positions(pos, k)
+        if not np.array_equal(ia, ib):
+            raise RuntimeError(f"{staged}: answers differ from the gated version on "
+                               f"{int((ia != ib).any(axis=1).sum())} of {len(pos)} queries; not publishing")
+        return {"queries": int(len(pos)), "identical_to_gated": True}
 
 
 # ================================================================================================================
@@ -567,7 +643,7 @@ def gate_row_count(new_n: int, live_n: int | None, max_drop_pct: float) -> GateR
         return GateResult("row_count", True, new_n, max_drop_pct, "no live version to compare with", skipped=True)
     drop = 100.0 * (live_n - new_n) / live_n
     ok = drop <= max_drop_pct
-    msg = (f"{new_n} products vs {live_n} live ({-drop:+.1f}%)" if ok else
+    msg = (f"{new_n} products vs {live_n} live ({100.0 * (new_n - live_n) / live_n:+.1f}%)" if ok else
            f"row count falls from {live_n} (live) to {new_n}: -{drop:.1f}% > max_row_drop_pct {max_drop_pct}%")
     return GateResult("row_count", ok, round(drop, 3), max_drop_pct, msg)
 
@@ -584,24 +660,19 @@ def measure_recall(index_obj, embeddings_dir: str, k: int, n_queries: int, seed:
     """recall@k of ``index_obj.similar`` against exact search over the merged vectors (query excluded)."""
     import numpy as np
 
-    from .incremental import _fused, _read_embeddings
+    from index.embeddings_io import read_embeddings
 
-    t = _read_embeddings(embeddings_dir)
-    vecs = _fused(t)
-    ids = list(vecs)
+    emb = read_embeddings(embeddings_dir)
+    ids, x = emb.ids, emb.vectors
     if len(ids) < 2:
         return {"recall": None, "queries": 0, "k": k}
-    x = np.stack([vecs[p] for p in ids]).astype(np.float32)
     kk = min(k, len(ids) - 1)
-    rng = np.random.default_rng(seed)
-    q = rng.choice(len(ids), size=min(n_queries, len(ids)), replace=False)
-    hits = 0
-    for i in q:
-        sims = x @ x[i]
-        sims[i] = -np.inf
-        exact = {ids[j] for j in np.argpartition(-sims, kk - 1)[:kk]}
-        got = [r.product_id if hasattr(r, "product_id") else r["product_id"] for r in index_obj.similar(ids[i], k=kk)]
-        hits += len(exact & set(got[:kk]))
+    q = np.random.default_rng(seed).choice(len(ids), size=min(n_queries, len(ids)), replace=False)
+    sims = x[q] @ x.T
+    sims[np.arange(len(q)), q] = -np.inf
+    exact = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+    got = index_obj.similar_batch([ids[i] for i in q], k=kk)
+    hits = sum(len({ids[j] for j in exact[r]} & {h["product_id"] for h in got[r][:kk]}) for r in range(len(q)))
     return {"recall": hits / (len(q) * kk), "queries": int(len(q)), "k": kk}
 
 
@@ -644,7 +715,7 @@ def gate_golden(index_obj, golden: list[dict[str, Any]], default_k: int) -> Gate
         k = int(q.get("k", default_k))
         pid = str(q["product_id"])
         try:
-            got = [r.product_id if hasattr(r, "product_id") else r["product_id"] for r in index_obj.similar(pid, k=k)]
+            got = [r["product_id"] for r in index_obj.similar(pid, k=k)]
         except KeyError:
             failures.append(f"{pid}: not in the new index")
             continue
@@ -706,13 +777,16 @@ class _Run:
         t = time.perf_counter()
         try:
             yield rec
-        except (StageFailed, UserError, _Terminated):
+        except (StageFailed, _Terminated):
             rec["status"] = "failed"
             raise
         except Exception as e:  # noqa: BLE001 - a stage failure is reported, never a bare traceback
             rec["status"] = "failed"
             rec["error"] = f"{type(e).__name__}: {e}"
-            log.debug("stage %s failed", name, exc_info=True)
+            if isinstance(e, UserError):
+                log.error("stage %s failed: %s", name, e)
+            else:
+                log.error("stage %s failed", name, exc_info=True)
             raise StageFailed(name, e) from e
         finally:
             rec["seconds"] = round(time.perf_counter() - t, 3)
@@ -777,8 +851,12 @@ class _Run:
                     and state.get("index_config_digest") == idx_digest and state.get("index_version") == live)
             rec["unchanged"] = same
         if same and not self.force:
-            self.report["published_version"] = None
-            self.report["counts"] = dict((state or {}).get("products") or {})
+            for old in glob.glob(os.path.join(L.staging, "*")):  # work of interrupted runs is moot now
+                shutil.rmtree(old, ignore_errors=True)
+            live_counts = (state or {}).get("products") or {}
+            self.report["counts"] = {"products": live_counts.get("products"), "indexed": live_counts.get("indexed"),
+                                     "reused": live_counts.get("indexed"), "embedded": 0, "new": 0, "changed": 0,
+                                     "metadata_only": 0, "deleted": 0, "dead_letters": live_counts.get("dead_letters")}
             return self._finish("no_change", EXIT_OK,
                                 f"no change: catalog files, model and configs are those of the published run "
                                 f"{state['run_id']} (version {live}); nothing to do")
@@ -819,11 +897,13 @@ class _Run:
             self.report["plan"] = {"mode": plan.mode, "reason": plan.reason,
                                    "embedded_ids_sample": plan.to_embed[:20], "deleted_ids_sample": plan.deleted[:20]}
         if plan.nothing_changed and plan.mode == "incremental" and state and state.get("index_version") == live \
-                and state.get("index_config_digest") == idx_digest and not self.force:
+                and state.get("index_config_digest") == idx_digest and not self.force \
+                and self._catalog_dead_letters_unchanged(scan, baseline):
             state = dict(state, fingerprint=fp)  # same content in rewritten files: short-circuit next time
             _write_json_atomic(L.state, state)
             shutil.rmtree(staging, ignore_errors=True)
-            self.report["counts"]["embedded"] = 0
+            self.report["counts"].update(embedded=0, reused=plan.counts()["unchanged"],
+                                         indexed=((state.get("products") or {}).get("indexed")))
             return self._finish("no_change", EXIT_OK,
                                 f"no change: the catalog files were rewritten but every product's content and "
                                 f"metadata equal the published run {state['run_id']} (version {live})")
@@ -874,7 +954,9 @@ class _Run:
                                           extra_report={"nightly_run_id": run_id})
                 _write_json_atomic(os.path.join(tmp, "fingerprint.json"), fp)
                 os.makedirs(L.runs, exist_ok=True)
-                if os.path.exists(run_dir):  # a half-committed attempt of this same run: never a referenced run
+                if os.path.exists(run_dir):  # a half-committed attempt of this same run
+                    if run_id in ((state or {}).get("run_id"), (state or {}).get("previous_run_id")):
+                        raise RuntimeError(f"refusing to overwrite {run_dir}: it is a published run")
                     shutil.rmtree(run_dir)
                 os.replace(tmp, run_dir)
                 _fsync_dir(L.runs)
@@ -917,9 +999,9 @@ class _Run:
         with self.stage("publish") as rec:
             counts = {k: self.report["counts"].get(k) for k in ("products", "indexed", "reused", "embedded",
                                                                  "deleted", "dead_letters")}
-            intent = {"run_id": run_id, "index_config_digest": idx_digest, "products": counts,
-                      "index_version": info.get("version"), "staged_at": utc_now()}
-            version = self.ix.publish(staged_index, intent, os.path.join(run_dir, "publish.json"))
+            intent = {"run_id": run_id, "index_config_digest": idx_digest, "products": counts}
+            version = self.ix.publish(staged_index, self._version_name(run_id), intent,
+                                      os.path.join(run_dir, "publish.json"))
             rec["version"] = version
             _crash_point("publish:switched")
             new_state = {"run_id": run_id, "index_version": version, "fingerprint": fp,
@@ -928,7 +1010,10 @@ class _Run:
             _write_json_atomic(L.state, new_state)
             self.report["published_version"] = version
             shutil.rmtree(staging, ignore_errors=True)
-            self._retention(new_state)
+            try:
+                self._retention(new_state)
+            except OSError as e:  # published already: a cleanup problem is a note, not a failure
+                self.note(f"warning: retention of old runs failed: {e}")
         c = self.report["counts"]
         return self._finish("published", EXIT_OK,
                             f"published version {version}: {c.get('indexed')} products "
@@ -946,8 +1031,7 @@ class _Run:
                 live_n = int(self.ix.manifest(live).get("n"))
         c = merged_report["counts"]
         out.append(gate_row_count(c["embedded"], live_n, float(g.max_row_drop_pct)))
-        dead_rows = c["dead_letter_products"] + c["partial"]
-        out.append(gate_dead_letters(dead_rows, self.report["counts"].get("catalog_rows") or 0,
+        out.append(gate_dead_letters(c["dead_letter_rows"], self.report["counts"].get("catalog_rows") or 0,
                                      float(g.max_dead_letter_pct)))
         target = float(g.min_recall if g.min_recall is not None else self.index_settings.recall_target)
         index_obj = self.ix.load_staged(staged_index)
@@ -969,6 +1053,27 @@ class _Run:
                                                   r.message)
         return out
 
+    @staticmethod
+    def _catalog_dead_letters_unchanged(scan, baseline: str) -> bool:
+        """The catalog's own dead letters (missing / duplicate ids) are those of the baseline run."""
+        from .incremental import _read_dead
+
+        prev = _read_dead(baseline)
+        before = sorted((r["stage"], r["error"], r["product_id"] or "") for r in (prev.to_pylist() if prev else [])
+                        if r["stage"] in ("validate", "dedup"))
+        return before == sorted((r["stage"], r["error"], r["product_id"] or "") for r in scan.dead_letters)
+
+    def _version_name(self, run_id: str) -> str:
+        """``v<run id>``; a retry after a crash inside the store's publish (version placed, CURRENT not switched)
+        gets ``v<run id>-r<n>`` (the orphan is left to the store's retention)."""
+        from index import store
+
+        name, n = "v" + run_id, 0
+        while os.path.exists(os.path.join(self.layout.index, store.VERSIONS_DIR, name)):
+            n += 1
+            name = f"v{run_id}-r{n}"
+        return name
+
     # -- retention ---------------------------------------------------------------------------------------------
     def _retention(self, state: dict[str, Any]) -> None:
         keep = {state.get("run_id"), state.get("previous_run_id")}
@@ -977,8 +1082,6 @@ class _Run:
             if i >= self.settings.keep_runs and r not in keep:
                 shutil.rmtree(self.layout.run_dir(r), ignore_errors=True)
                 log.info("retention: removed run %s", r)
-        with contextlib.suppress(Exception):
-            self.ix.retain()
 
     # -- finish ------------------------------------------------------------------------------------------------
     def _finish(self, status: str, code: int, message: str) -> int:
@@ -1072,7 +1175,8 @@ def _delta_vs_previous(prev: dict[str, Any] | None, report: dict[str, Any]) -> d
     if not prev:
         return None
     pc, c = prev.get("counts") or {}, report.get("counts") or {}
-    out: dict[str, Any] = {"previous_run": prev.get("run_id"), "previous_status": prev.get("status"),
+    out: dict[str, Any] = {"previous_run": prev.get("run_id") or prev.get("previous_run"),
+                           "previous_status": prev.get("status"),
                            "previous_finished_at": prev.get("finished_at")}
     for k in ("products", "indexed", "embedded", "dead_letters"):
         if isinstance(c.get(k), (int, float)) and isinstance(pc.get(k), (int, float)):
@@ -1099,15 +1203,17 @@ def summary_text(report: dict[str, Any]) -> str:
              f"run {report.get('run_id') or '-'}]", f"  {report.get('message')}"]
     if c:
         changed = c.get("changed_by_modality") or {}
-        lines.append(f"  catalog:  {c.get('catalog_rows', '-')} rows, {c.get('products', '-')} products | new "
+        rows = f"{c['catalog_rows']} rows, " if c.get("catalog_rows") is not None else ""
+        lines.append(f"  catalog:  {rows}{c.get('products', '-')} products | new "
                      f"{c.get('new', 0)}, changed {c.get('changed', 0)}"
                      + (f" ({', '.join(f'{k} {v}' for k, v in sorted(changed.items()))})" if changed else "")
                      + f", metadata-only {c.get('metadata_only', 0)}, deleted {c.get('deleted', 0)}")
         if "reused" in c or "embedded" in c:
             lines.append(f"  vectors:  {c.get('reused', 0)} reused (byte-identical), {c.get('embedded', 0)} embedded,"
                          f" {c.get('canaries', 0)} canaries | indexed {c.get('indexed', '-')}, dead letters "
-                         f"{c.get('dead_letters', '-')} ({c.get('dead_letter_products', '-')} products not embedded,"
-                         f" {c.get('partial', '-')} partial)")
+                         f"{c.get('dead_letters', '-')}"
+                         + (f" ({c['dead_letter_products']} products not embedded, {c.get('partial')} partial)"
+                            if c.get("dead_letter_products") is not None else ""))
     if report.get("stages"):
         lines.append("  stages:   " + " | ".join(
             f"{s['name']} {s.get('seconds', 0):.2f}s" + ("" if s["status"] == "ok" else f" ({s['status']})")
@@ -1183,18 +1289,19 @@ def run_nightly(cfg: Config, force: bool = False) -> NightlyResult:
             try:
                 code = run.execute()
             except StageFailed as e:
-                report["error"] = {"stage": e.stage, "type": type(e.error).__name__, "message": str(e.error)[:2000],
-                                   "traceback": traceback.format_exception(e.error)[-3:]}
+                report["error"] = {"stage": e.stage, "type": type(e.error).__name__, "message": str(e.error)[:2000]}
+                if not isinstance(e.error, UserError):
+                    report["error"]["traceback"] = traceback.format_exception(e.error)[-3:]
                 code = run._finish("failed", EXIT_FAILED, f"stage {e.stage} failed: {type(e.error).__name__}: "
                                                           f"{str(e.error)[:500]}")
-            except UserError as e:
-                stage = next((s["name"] for s in reversed(report["stages"]) if s["status"] == "failed"), None)
-                report["error"] = {"stage": stage, "type": "UserError", "message": str(e)}
-                code = run._finish("failed", EXIT_USER, f"bad input or config: {e}")
             except _Terminated as e:
                 stage = next((s["name"] for s in reversed(report["stages"]) if s["status"] == "failed"), None)
                 report["error"] = {"stage": stage, "type": "Terminated", "message": str(e)}
                 code = run._finish("failed", EXIT_FAILED, str(e))
+            except Exception as e:  # noqa: BLE001 - outside any stage (state, recovery): still a report
+                report["error"] = {"stage": "startup", "type": type(e).__name__, "message": str(e)[:2000],
+                                   "traceback": traceback.format_exception(e)[-3:]}
+                code = run._finish("failed", EXIT_FAILED, f"startup failed: {type(e).__name__}: {str(e)[:500]}")
             finally:
                 run.lock.release()
     finally:

@@ -1,7 +1,8 @@
 """Airflow DAG running ``shopvec nightly`` every night (Airflow 2.4+ and 3.x).
 
-Copy this file into the DAGs folder and set the Airflow Variables (or edit the defaults below):
-``shopvec_home`` (checkout with its ``.venv``), ``shopvec_nightly_config`` (the nightly TOML).
+Copy this file into the DAGs folder and set the Airflow Variables (defaults in brackets):
+``shopvec_home`` (the checkout with its ``.venv``) [/opt/shopvec], ``shopvec_nightly_config`` (the nightly TOML)
+[/etc/shopvec/nightly.toml].
 
 Exit-code contract of ``shopvec nightly`` and how the task maps it:
 0 published or nothing to do -> success; 75 another run holds the lock -> skipped (the running one reports);
@@ -20,28 +21,15 @@ try:  # Airflow 3: operators live in the standard provider
 except ImportError:  # Airflow 2.x
     from airflow.operators.bash import BashOperator
 
-try:
-    from airflow.models import Variable
-
-    def _var(name: str, default: str) -> str:
-        try:
-            return Variable.get(name, default_var=default)
-        except TypeError:  # Airflow 3: Variable.get(key, default=...)
-            return Variable.get(name, default=default)
-        except Exception:  # noqa: BLE001 - no metadata DB while parsing (e.g. in CI): use the default
-            return default
-except ImportError:  # pragma: no cover
-    def _var(name: str, default: str) -> str:
-        return default
-
-SHOPVEC_HOME = _var("shopvec_home", "/opt/shopvec")
-NIGHTLY_CONFIG = _var("shopvec_nightly_config", "/etc/shopvec/nightly.toml")
+# Airflow Variables are read when the task runs (Jinja), not when the scheduler parses this file.
+HOME = "{{ var.value.get('shopvec_home', '/opt/shopvec') }}"
+CONFIG = "{{ var.value.get('shopvec_nightly_config', '/etc/shopvec/nightly.toml') }}"
 EXIT_LOCKED = 75
 
 NIGHTLY_CMD = f"""
 set -uo pipefail
-cd {SHOPVEC_HOME}
-{SHOPVEC_HOME}/.venv/bin/shopvec nightly --config {NIGHTLY_CONFIG} --report "$AIRFLOW_TMP_REPORT"
+cd "{HOME}"
+"{HOME}/.venv/bin/shopvec" nightly --config "{CONFIG}" --report "$AIRFLOW_TMP_REPORT"
 rc=$?
 echo "shopvec nightly exit code: $rc (0 published/no change, 1 stage failed, 2 bad config, 3 gate refused, 75 locked)" >&2
 [ -f "$AIRFLOW_TMP_REPORT" ] && echo "$AIRFLOW_TMP_REPORT"

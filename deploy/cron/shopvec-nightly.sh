@@ -8,14 +8,10 @@ LOG_DIR=${SHOPVEC_LOG_DIR:-/var/log/shopvec}
 mkdir -p "$LOG_DIR"
 log="$LOG_DIR/nightly-$(date -u +%F).log"
 cd "$SHOPVEC_HOME" || { echo "shopvec-nightly: cannot cd to $SHOPVEC_HOME"; exit 1; }
-{
-  echo "=== $(date -u +%FT%TZ) shopvec nightly --config $SHOPVEC_CONFIG"
-  "$SHOPVEC_HOME/.venv/bin/shopvec" nightly --config "$SHOPVEC_CONFIG"
-  rc=$?
-  echo "=== $(date -u +%FT%TZ) exit $rc"
-  exit $rc
-} >>"$log" 2>&1
+echo "=== $(date -u +%FT%TZ) shopvec nightly --config $SHOPVEC_CONFIG" >>"$log"
+"$SHOPVEC_HOME/.venv/bin/shopvec" nightly --config "$SHOPVEC_CONFIG" >>"$log" 2>&1
 rc=$?
+echo "=== $(date -u +%FT%TZ) exit $rc" >>"$log"
 case $rc in
   0)  ;;                                                       # published or nothing to do: silent
   3)  echo "shopvec nightly: a quality gate refused the new index (CURRENT untouched); see $log" ;;
