@@ -1,7 +1,7 @@
 """Scale-out benchmark: single-process vs sharded (Beam, 2 worker processes) FAISS build, and an on-disk build whose
 raw vectors are larger than its memory budget.
 
-    .venv/bin/python bench/scale_bench.py                       # 1M x 512 Gaussian mixture, IVF1024,Flat, budget 1 GiB
+    .venv/bin/python bench/scale_bench.py                       # 1M x 512 Gaussian mixture, IVF1024,Flat, budget 1.5 GiB
     .venv/bin/python bench/scale_bench.py --n 200000 --budget 512MiB --json var/bench-scale/small.json
 
 Steps (every build runs in its own process; this process samples the resident memory of that process *and of
@@ -242,14 +242,20 @@ def _evaluate(index, args, d: Path) -> dict:
 
 
 def _train(args, d: Path) -> tuple[bytes, dict]:
+    """The index library's training (``create_index`` settings, ``_train_size`` sample, seeded), as `shopvec index`
+    and ``build_and_publish_sharded`` train."""
+    from index.build import BuildConfig, _train_size, create_index
     from pipelines import index_build as ib
 
     t0 = time.time()
-    plan = ib.plan_shards(ib.embeddings_files(str(d)), args.rows_per_shard or ib.DEFAULT_ROWS_PER_SHARD)
-    n_train = ib.train_sample_size(args.key, plan.num_rows)
+    cfg = BuildConfig(index_key=args.key, seed=args.seed)
+    plan = ib.plan_shards(ib.embeddings_files(str(d)), 10 ** 9)
+    n_train = _train_size(args.key, plan.num_rows, cfg)
+    index = create_index(args.key, args.dim, plan.num_rows, cfg)
     sample = ib.sample_vectors(plan, n_train, args.seed)
-    trained = ib.train_empty_index(sample, args.key)
-    return trained, {"n_train": n_train, "train_s": round(time.time() - t0, 2)}
+    index.train(sample)
+    del sample
+    return ib.serialize(index), {"n_train": n_train, "train_s": round(time.time() - t0, 2)}
 
 
 def stage_single(args) -> dict:
@@ -289,11 +295,13 @@ def stage_sharded(args, on_disk: bool = False) -> dict:
             import shutil
 
             shutil.rmtree(p)
+    from index.build import BuildConfig, _train_size
+
     rows = args.rows_per_shard
     if on_disk and not rows:
         rows = ib.rows_per_shard_for_budget(args.budget, workers=2, dim=args.dim, key=args.key,
                                             row_group_rows=args.row_group,
-                                            train_rows=ib.train_sample_size(args.key, args.n))
+                                            train_rows=_train_size(args.key, args.n, BuildConfig()))
     rows = rows or -(-args.n // 8)  # 8 shards: both workers busy, shards retried cheaply
     t0 = time.time()
     trained, tr = _train(args, d)
@@ -344,13 +352,13 @@ def main(argv=None) -> int:
     ap.add_argument("--clusters", type=int, default=2000)
     ap.add_argument("--spread", type=float, default=0.9, help="noise norm around a centre (0.9: clusters overlap)")
     ap.add_argument("--files", type=int, default=8)
-    ap.add_argument("--row-group", type=int, default=16384)
+    ap.add_argument("--row-group", type=int, default=4096, help="rows per Parquet row group (the embed output's)")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--key", default="IVF1024,Flat")
     ap.add_argument("--nprobes", type=lambda s: [int(x) for x in s.split(",")], default=[4, 8, 16, 32, 64, 128])
     ap.add_argument("--recall-target", type=float, default=0.95)
-    ap.add_argument("--budget", type=parse_bytes, default=GiB, help="memory budget of the on-disk build")
+    ap.add_argument("--budget", type=parse_bytes, default=3 * GiB // 2, help="memory budget of the on-disk build")
     ap.add_argument("--rows-per-shard", type=int, default=0, help="default: n/8 (ondisk: derived from --budget)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=str(REPO / "var" / "bench-scale"))

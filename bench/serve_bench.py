@@ -227,11 +227,28 @@ def build_index(workdir: Path, n: int, dim: int, clusters: int, recall_target: f
     return root
 
 
-def library_baseline(root: Path, ids: list[str], k: int, seconds: float, threads: int, seed: int) -> dict:
+def library_baseline(root: Path, ids: list[str], k: int, seconds: float, threads: int, seed: int,
+                     omp: int) -> dict:
+    import faiss
+
     from index.search import ProductIndex
+    from index.service import load_product_index
+
+    if omp:
+        faiss.omp_set_num_threads(omp)  # per calling thread, like the service's request threads
 
     t0 = time.time()
-    ix = ProductIndex.load(str(root))
+    plain = ProductIndex.load(str(root), verify=False)  # the library as is (metadata in Parquet row-group chunks)
+    rng = random.Random(seed)
+    plain_lat = []
+    for pid in rng.sample(ids, min(300, len(ids))):
+        t = time.perf_counter()
+        plain.similar(pid, k=k)
+        plain_lat.append(time.perf_counter() - t)
+    del plain
+    gc.collect()
+    t0 = time.time()
+    ix = load_product_index(str(root))  # what the service serves: the same, metadata in one chunk per column
     load_s = time.time() - t0
     rng = random.Random(seed)
     for pid in rng.sample(ids, min(200, len(ids))):  # warm-up
@@ -250,6 +267,8 @@ def library_baseline(root: Path, ids: list[str], k: int, seconds: float, threads
     stop = threading.Event()
 
     def hammer(i):
+        if omp:
+            faiss.omp_set_num_threads(omp)
         r = random.Random(seed + i)
         while not stop.is_set():
             ix.similar(ids[r.randrange(len(ids))], k=k)
@@ -266,11 +285,12 @@ def library_baseline(root: Path, ids: list[str], k: int, seconds: float, threads
     multi_qps = sum(counts) / (time.perf_counter() - t_start)
     info = {"version": ix.version, "n": ix.n, "dim": ix.dim, "index_key": ix.manifest.get("index_key"),
             "search_params": ix.manifest.get("search_params"),
-            "recall": ix.manifest.get("recall", (ix.manifest.get("tuning") or {}).get("recall")),
+            "recall_at_10": (ix.manifest.get("measured") or {}).get("recall_at_k"),
             "load_s": round(load_s, 2)}
     del ix
     gc.collect()
-    return {"single_thread": one, f"threads_{threads}_qps": round(multi_qps, 1), "index": info}
+    return {"single_thread": one, f"threads_{threads}_qps": round(multi_qps, 1), "index": info,
+            "plain_ProductIndex_load_single_thread": _summary(plain_lat, sum(plain_lat))}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,13 +319,13 @@ def _proc_cpu(pid: int) -> float:
     return tot
 
 
-def run_server(root: Path, port: int, workers: int, token: str | None):
+def run_server(root: Path, port: int, workers: int, token: str | None, omp: int, mmap: bool = False):
     env = dict(os.environ)
     env.pop("SHOPVEC_API_TOKEN", None)
     if token:
         env["SHOPVEC_API_TOKEN"] = token
     cmd = [sys.executable, "-m", "pipelines.cli", "-q", "serve", "--index", str(root), "--port", str(port),
-           "--workers", str(workers), "--no-warm-encoder"]
+           "--workers", str(workers), "--no-warm-encoder", "--omp-threads", str(omp)] + (["--mmap"] if mmap else [])
     proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, start_new_session=True)
     import httpx
 
@@ -329,6 +349,7 @@ def run_load(port: int, ids_file: str, duration: float, concurrency: int, rate: 
     cmd += ["--rate", str(rate or 0)]
     env = dict(os.environ, BENCH_TOKEN=token or "")
     s0 = _proc_cpu(server_pid)
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     wall = time.perf_counter() - t0
@@ -337,6 +358,7 @@ def run_load(port: int, ids_file: str, duration: float, concurrency: int, rate: 
     ncpu = os.cpu_count() or 1
     server_cpu = s1 - s0
     res["server_cpu_s"] = round(server_cpu, 2)
+    res["loadavg_1m_before_after"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
     res["loadgen_cpu_share_of_machine"] = round(res["loadgen_cpu_s"] / (wall * ncpu), 3)
     res["loadgen_cpu_share_of_used"] = round(res["loadgen_cpu_s"] / max(1e-9, res["loadgen_cpu_s"] + server_cpu), 3)
     res["server_cpu_ms_per_request"] = round(1000 * server_cpu / max(1, res["requests"]), 3)
@@ -363,8 +385,11 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=4, help="connections (default 4)")
     ap.add_argument("--rate", type=float, default=300.0, help="open-loop rate, requests/s (0 = skip; default 300)")
     ap.add_argument("--workers", type=int, default=1, help="uvicorn workers (default 1)")
+    ap.add_argument("--mmap", action="store_true", help="serve with --mmap (workers share the page cache)")
     ap.add_argument("--threads", type=int, default=2, help="threads for the in-process QPS figure (default 2)")
     ap.add_argument("--library-seconds", type=float, default=10.0)
+    ap.add_argument("--omp-threads", type=int, default=1,
+                    help="FAISS OpenMP threads per query thread, library and service alike (default 1; 0 = default)")
     ap.add_argument("--token", default="bench-token", help="bearer token the server requires ('' = auth off)")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
@@ -387,7 +412,7 @@ def main() -> int:
     ids = rng.sample(all_ids, min(20_000, len(all_ids)))
     del all_ids
     print(f"[library] in-process ProductIndex.similar(k={a.k}), {a.library_seconds:g} s", file=sys.stderr)
-    lib = library_baseline(root, ids, a.k, a.library_seconds, a.threads, a.seed)
+    lib = library_baseline(root, ids, a.k, a.library_seconds, a.threads, a.seed, a.omp_threads)
     print(json.dumps(lib), file=sys.stderr)
 
     ids_file = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
@@ -396,7 +421,7 @@ def main() -> int:
     port = a.port or _free_port()
     print(f"[serve] starting shopvec serve on 127.0.0.1:{port} ({a.workers} worker(s))", file=sys.stderr)
     t0 = time.time()
-    server = run_server(root, port, a.workers, a.token or None)
+    server = run_server(root, port, a.workers, a.token or None, a.omp_threads, a.mmap)
     ready_s = time.time() - t0
     phases = []
     try:
@@ -419,7 +444,8 @@ def main() -> int:
 
     one = lib["single_thread"]
     report = {"index": lib["index"], "library": lib, "service": phases, "server_ready_s": round(ready_s, 1),
-              "machine": {"cpus": os.cpu_count(), "workers": a.workers}}
+              "machine": {"cpus": os.cpu_count(), "workers": a.workers, "mmap": a.mmap},
+              "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv)}
     closed = phases[0]
     report["overhead"] = {"p50_ratio_service_over_library": round(closed["p50_ms"] / one["p50_ms"], 2),
                           "p99_ratio_service_over_library": round(closed["p99_ms"] / one["p99_ms"], 2),
@@ -429,17 +455,20 @@ def main() -> int:
     ix = lib["index"]
     print()
     print(f"index: version {ix['version']}, {ix['n']} x {ix['dim']}, key {ix['index_key']}, "
-          f"search params {ix['search_params']}, recall {ix['recall']}")
+          f"search params {ix['search_params']}, measured recall@10 {ix['recall_at_10']}")
     print(f"library (in process, 1 thread): p50 {one['p50_ms']} ms, p99 {one['p99_ms']} ms, {one['qps']} QPS; "
           f"{a.threads} threads: {lib[f'threads_{a.threads}_qps']} QPS")
+    pl = lib["plain_ProductIndex_load_single_thread"]
+    print(f"  (plain ProductIndex.load, metadata in row-group chunks: p50 {pl['p50_ms']} ms, p99 {pl['p99_ms']} ms)")
     print("| mode | requests | QPS | p50 ms | p90 ms | p99 ms | max ms | non-200 | load-gen CPU (share of machine / of "
-          "used) | server CPU ms/req |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "used) | server CPU ms/req | machine load avg (before/after) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for p in phases:
         bad = sum(v for s, v in p["statuses"].items() if s != "200") + p["n_errors"]
         print(f"| {p['mode']} | {p['requests']} | {p['qps']} | {p['p50_ms']} | {p['p90_ms']} | {p['p99_ms']} | "
               f"{p['max_ms']} | {bad} | {p['loadgen_cpu_share_of_machine']:.0%} / "
-              f"{p['loadgen_cpu_share_of_used']:.0%} | {p['server_cpu_ms_per_request']} |")
+              f"{p['loadgen_cpu_share_of_used']:.0%} | {p['server_cpu_ms_per_request']} | "
+              f"{p['loadavg_1m_before_after'][0]} / {p['loadavg_1m_before_after'][1]} |")
     print(f"overhead: {report['overhead']}")
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))

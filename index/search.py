@@ -21,6 +21,7 @@ import decimal
 import logging
 import math
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -246,6 +247,7 @@ class ProductIndex:
         self._encoder = encoder
         self._fuse = fuse
         self._mask_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray, int]] = OrderedDict()
+        self._lock = threading.Lock()  # the mask cache and lazy lookups may be shared by service threads
         self._direct_map_ready = False
 
     # ---------------------------------------------------------------------------------------------- construction
@@ -312,7 +314,9 @@ class ProductIndex:
     # ------------------------------------------------------------------------------------------------- lookups
     def _positions(self) -> dict[str, int]:
         if self._pos is None:
-            self._pos = {pid: i for i, pid in enumerate(self._ids.to_pylist())}
+            with self._lock:
+                if self._pos is None:
+                    self._pos = {pid: i for i, pid in enumerate(self._ids.to_pylist())}
         return self._pos
 
     def position(self, product_id: str) -> int:
@@ -357,17 +361,19 @@ class ProductIndex:
         if not flt:
             return flt, None, None, self.n
         key = flt.key
-        hit = self._mask_cache.get(key)
+        with self._lock:
+            hit = self._mask_cache.get(key)
+            if hit is not None:
+                self._mask_cache.move_to_end(key)
         if hit is None:
             mask = _evaluate_filter(flt, self.metadata)
             mask.setflags(write=False)
             bitmap = np.packbits(mask, bitorder="little")
             hit = (mask, bitmap, int(mask.sum()))
-            self._mask_cache[key] = hit
-            while len(self._mask_cache) > _MASK_CACHE_SIZE:
-                self._mask_cache.popitem(last=False)
-        else:
-            self._mask_cache.move_to_end(key)
+            with self._lock:
+                self._mask_cache[key] = hit
+                while len(self._mask_cache) > _MASK_CACHE_SIZE:
+                    self._mask_cache.popitem(last=False)
         return flt, hit[0], hit[1], hit[2]
 
     def count(self, filters: Any = None) -> int:

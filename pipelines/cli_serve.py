@@ -39,6 +39,9 @@ def register(sub) -> None:
     p.add_argument("--reload-interval", type=float, default=2.0, metavar="SECONDS",
                    help="how often CURRENT is polled for a new version; 0 = never (default %(default)s)")
     p.add_argument("--mmap", action="store_true", help="memory-map the index files instead of reading them")
+    p.add_argument("--omp-threads", type=int, default=1, metavar="N",
+                   help="FAISS OpenMP threads per request (default 1: concurrency comes from parallel requests, "
+                        "nested OpenMP teams only contend for the cores; 0 = FAISS default)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip sha256 checks when loading a version (faster start, less safe)")
     p.add_argument("--no-warm-encoder", dest="warm_encoder", action="store_false",
@@ -63,6 +66,8 @@ def _check(args) -> None:
     for name in ("max_k", "max_batch", "max_body_bytes", "max_image_pixels"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
+    if args.omp_threads < 0:
+        raise UserError(f"--omp-threads {args.omp_threads}: expected >= 0")
     if args.reload_interval < 0:
         raise UserError(f"--reload-interval {args.reload_interval}: expected >= 0 seconds")
 
@@ -94,7 +99,7 @@ def run(args) -> int:
         "index_root": os.path.abspath(args.index), "max_k": args.max_k, "max_batch": args.max_batch,
         "max_body_bytes": args.max_body_bytes, "max_image_pixels": args.max_image_pixels,
         "reload_interval_s": args.reload_interval, "mmap": args.mmap, "verify": args.verify,
-        "warm_encoder": args.warm_encoder,
+        "warm_encoder": args.warm_encoder, "omp_threads": args.omp_threads or None,
     })
     log.info("serving %s on http://%s:%d (%d worker(s), auth %s)", args.index, args.host, args.port, args.workers,
              "on" if token else "off")

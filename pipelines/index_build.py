@@ -105,9 +105,15 @@ def embeddings_files(spec: str) -> list[str]:
     ``FileSystems`` (every ``*.parquet`` below the prefix, sorted).
     """
     if "://" in spec and not spec.startswith("file://"):
+        from apache_beam.io.filesystems import FileSystems
+
         from .catalog import resolve_paths
 
         base = spec.rstrip("/")
+        if not any(c in base for c in "*?[") and not base.endswith(".parquet"):
+            # the embed output OUT: only OUT/embeddings/*.parquet (not dead_letters/)
+            if FileSystems.match([base + "/embeddings/*.parquet"])[0].metadata_list:
+                base = base + "/embeddings/*.parquet"
         return [p for p in resolve_paths(base, "embeddings") if not os.path.basename(p).startswith((".", "_"))]
     from index.embeddings_io import resolve_embedding_files
 
@@ -615,10 +621,11 @@ class ShardedBuild:
     report: dict[str, Any]
 
 
-# Resident memory of a process before any data (Python + numpy + pyarrow + faiss + Beam imported), measured on this
-# project's lock file (Beam 2.77, faiss 1.15, CPython 3.11): a Beam SDK worker ~190 MiB, the driver ~230 MiB.
-WORKER_BASE_BYTES = 200 << 20
-DRIVER_BASE_BYTES = 240 << 20
+# Memory of a process before any data, measured on this project's lock file (CPython 3.11, numpy, pyarrow 25,
+# faiss-gpu 1.15 -- its CUDA libraries alone map ~170 MiB --, Beam 2.77): ~230 MiB anonymous + shared libraries for
+# an SDK worker; the driver also runs the FnApi runner / job service (~340 MiB anonymous).
+WORKER_BASE_BYTES = 300 << 20
+DRIVER_BASE_BYTES = 360 << 20
 
 
 def code_size(key: str, dim: int) -> int:
@@ -632,19 +639,19 @@ def rows_per_shard_for_budget(budget_bytes: int, workers: int, dim: int, key: st
                               train_rows: int | None = None) -> int:
     """The largest shard that keeps driver + ``workers`` worker processes on one machine under ``budget_bytes``.
 
-    Per worker: its base, one row group being read (Arrow + numpy: 2 x rows x dim x 4) and its shard's inverted
-    lists (2 x rows x (code + id): ``std::vector`` growth). Driver: its base and the training sample (and, while
-    merging on disk, one memory-mapped shard, which is smaller than a worker's peak). Conservative: the peaks are
-    summed although training and adding never overlap.
+    Per worker: its base, one row group being read (Parquet decoding + Arrow + numpy: 3 x rows x dim x 4) and its
+    shard's inverted lists (2 x rows x (code + id): ``std::vector`` growth). Driver: its base and the training
+    sample (and, while merging on disk, one memory-mapped shard, which is smaller than a worker's peak).
+    Conservative: the peaks are summed although training and adding never overlap.
     """
     per_vec = code_size(key, dim) + 8
     sample = (train_rows or 0) * dim * 4
-    free = budget_bytes - DRIVER_BASE_BYTES - sample - workers * (WORKER_BASE_BYTES + 2 * row_group_rows * dim * 4)
+    free = budget_bytes - DRIVER_BASE_BYTES - sample - workers * (WORKER_BASE_BYTES + 3 * row_group_rows * dim * 4)
     rows = int(free // (workers * 2 * per_vec)) if free > 0 else 0
     if rows < max(1000, row_group_rows):
         raise UserError(f"memory budget {budget_bytes / (1 << 20):.0f} MiB is too small for {workers} workers "
                         f"building {key} on {dim}-d vectors (each worker needs about "
-                        f"{(WORKER_BASE_BYTES + 2 * row_group_rows * dim * 4) / (1 << 20):.0f} MiB before its "
+                        f"{(WORKER_BASE_BYTES + 3 * row_group_rows * dim * 4) / (1 << 20):.0f} MiB before its "
                         f"shard); raise --max-memory or use fewer workers")
     return rows
 
@@ -771,6 +778,25 @@ def _ids_and_metadata(files: Sequence[str], report_path: str | None, source: str
         raise UserError(f"{prov_file or report_path}: provenance dim {provenance['dim']!r} does not match the "
                         f"vectors' dim {dim}")
     return ids_all, metadata, provenance, run_report
+
+
+def _remote_files_hash(files: Sequence[str]) -> str:
+    """``index.embeddings_io.files_hash`` (name, size, sha256 of each file, in order) through Beam FileSystems."""
+    import hashlib
+
+    from apache_beam.io.filesystems import FileSystems
+
+    from embedders.provenance import canonical_json, sha256_bytes
+
+    entries = []
+    for f in files:
+        h, size = hashlib.sha256(), 0
+        with FileSystems.open(f) as fh:
+            while chunk := fh.read(16 << 20):
+                h.update(chunk)
+                size += len(chunk)
+        entries.append([os.path.basename(f), size, h.hexdigest()])
+    return sha256_bytes(canonical_json(entries).encode("utf-8"))
 
 
 class _Count:
@@ -956,6 +982,8 @@ def build_and_publish_sharded(embeddings: str, out: str, config=None, *, runner:
         emb = Embeddings(ids=_Count(n), vectors=vectors, metadata=metadata, provenance=provenance,  # type: ignore
                          files=list(files), source=embeddings, run_report=run_report, run_report_path=report_path,
                          renormalised=renormalised)
+        if any("://" in f and not f.startswith("file://") for f in files):
+            emb._source_hash = _remote_files_hash(files)  # files_hash() stats local paths
         manifest = make_manifest(result, emb, config, mmap or on_disk)
         apply_search_params(result.index, result.search_params)
         if on_disk and not getattr(_store, "ONDISK_FILE", None):
@@ -976,3 +1004,36 @@ def build_and_publish_sharded(embeddings: str, out: str, config=None, *, runner:
             parent = os.path.join(os.path.abspath(out), ".sharded-work")
             if os.path.isdir(parent) and not os.listdir(parent):
                 os.rmdir(parent)
+
+
+#: ``shopvec index`` without --runner goes sharded above this many vectors (or when the raw vectors do not fit the
+#: memory budget, which the single-process build needs: it holds them all).
+AUTO_SHARD_ROWS = 5_000_000
+
+
+def sharding_decision(embeddings: str, runner: str | None, beam_args: Sequence[str], max_memory: int | None,
+                      shard_above: int | None = None) -> tuple[str | None, list[str], str]:
+    """(runner or None for the single-process build, Beam args, why) for ``shopvec index``.
+
+    ``--runner`` asks for the sharded build explicitly. Without it, a catalog larger than ``shard_above`` vectors,
+    or whose raw vectors exceed the memory budget, is built sharded on the local multi-process runner (one worker
+    per core) -- the same code a cluster runs. Reads Parquet footers only.
+    """
+    from index.build import BUDGET_FRACTION, available_memory
+
+    if runner:
+        return runner, list(beam_args), f"--runner {runner}"
+    if beam_args:
+        raise UserError(f"unrecognized arguments: {' '.join(beam_args)} (Beam pipeline options only apply to a "
+                        f"sharded build: add --runner)")
+    files = embeddings_files(embeddings)
+    n = sum(_open_parquet(f).metadata.num_rows for f in files)
+    dim = vector_dim(files[0])
+    budget = int((max_memory if max_memory is not None else available_memory()) * BUDGET_FRACTION)
+    threshold = AUTO_SHARD_ROWS if shard_above is None else shard_above
+    if n > threshold or n * dim * 4 > budget:
+        workers = max(1, os.cpu_count() or 1)
+        why = (f"{n:,} vectors > --shard-above {threshold:,}" if n > threshold else
+               f"raw vectors ({_mib(n * dim * 4)}) exceed the memory budget ({_mib(budget)} usable)")
+        return "FnApiRunner", [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"], why
+    return None, [], ""

@@ -123,8 +123,18 @@ def test_adding_in_batches_logs_progress(x, caplog):
     res = build_index(x, IDS, cfg(index_key="IVF16,Flat", add_batch=1000))
     adds = [r.getMessage() for r in caplog.records if r.getMessage().startswith("added ")]
     assert len(adds) == 3 and "added 1,000/3,000 vectors (33%)" in adds[0] and "vec/s" in adds[0]
+    assert any(r.getMessage().startswith("assigned 3,000/3,000 vectors to lists") for r in caplog.records)
     assert res.build["train_size"] == min(N, 40 * 16)
     assert res.index.ntotal == N
+    # the reserved, pre-assigned add is the same index as FAISS' own add
+    plain = faiss.clone_index(res.index)
+    plain.reset()
+    plain.add(x)
+    ivf = faiss.extract_index_ivf(res.index)
+    assert [ivf.invlists.list_size(i) for i in range(16)] == \
+        [faiss.extract_index_ivf(plain).invlists.list_size(i) for i in range(16)]
+    plain.nprobe = res.index.nprobe = 4
+    np.testing.assert_array_equal(plain.search(x[:100], 10)[1], res.index.search(x[:100], 10)[1])
 
 
 @pytest.mark.parametrize("text,value", [("8GB", 8 * GiB), ("512MiB", 512 << 20), ("1.5g", int(1.5 * GiB)),

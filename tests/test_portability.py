@@ -215,11 +215,104 @@ def test_every_dofn_and_handler_pickles(demo_catalog, demo_config, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ nightly job
-def test_nightly_job_on_every_runner():
-    if importlib.util.find_spec("pipelines.nightly") is None:
-        pytest.skip("pipelines/nightly.py does not exist yet in this tree (the nightly job is another engineer's "
-                    "issue); its runner matrix is added here once it lands")
-    pytest.skip("pipelines/nightly.py exists but its runner matrix has not been wired into this test yet")
+def _nightly_available() -> bool:
+    return importlib.util.find_spec("pipelines.nightly") is not None
+
+
+@pytest.fixture(scope="module")
+def nightly_matrix(tmp_path_factory, demo_catalog, monkeypatch_module):
+    """The nightly job (incremental embed -> index -> gates -> publish) once per runner, from an empty state over the
+    demo catalog; the embed stage's run report is captured (it holds the per-process model-load counters)."""
+    if not _nightly_available():
+        pytest.skip("pipelines/nightly.py is not in this tree: the nightly part of the matrix needs it")
+    import json
+
+    from pipelines import embed as embed_mod
+    from pipelines import handlers
+    from pipelines.config import load_config
+    from pipelines.nightly import run_nightly
+
+    captured: list[dict] = []
+    real = embed_mod.run_embed
+
+    def spy(*a, **kw):
+        report = real(*a, **kw)
+        captured.append(report)
+        return report
+
+    monkeypatch_module.setattr(embed_mod, "run_embed", spy)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {}
+    for name, (runner, args) in RUNNERS.items():
+        root = str(tmp_path_factory.mktemp(f"nightly-{name}"))
+        cfg = load_config(os.path.join(repo, "configs", "nightly.toml"), [
+            f'nightly.products="{demo_catalog["products"]}"', f'nightly.reviews="{demo_catalog["reviews"]}"',
+            f'nightly.state_dir="{root}/state"', f'nightly.runner="{runner}"',
+            f"nightly.beam_args={json.dumps(list(args))}", "gates.max_dead_letter_pct=30", "gates.recall_queries=40"])
+        with handlers._CACHE_LOCK:
+            handlers._CACHE.clear()
+            handlers._UNREPORTED_LOADS.clear()
+        captured.clear()
+        result = run_nightly(cfg)
+        runs[name] = {"root": root, "result": result, "embed_reports": list(captured)}
+    return runs
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _nightly_outputs(run):
+    from index import store
+
+    state = os.path.join(run["root"], "state")
+    st = __import__("json").load(open(os.path.join(state, "state.json")))
+    emb, dead = _read_output(os.path.join(state, "runs", st["run_id"]))
+    index_root = os.path.join(state, "index")
+    ver = store.read_current(index_root)
+    vdir = os.path.join(index_root, store.VERSIONS_DIR, ver)
+    ids = pq.read_table(os.path.join(vdir, store.IDS_FILE)).column(0).to_pylist()
+    return emb, dead, ids, store.read_manifest(vdir)
+
+
+@pytest.mark.parametrize("name", list(RUNNERS))
+def test_nightly_job_same_result_on_every_runner(nightly_matrix, demo_catalog, name):
+    run, base = nightly_matrix[name], nightly_matrix[BASELINE]
+    res = run["result"]
+    assert res.exit_code == 0 and res.report["status"] == "published", res.report.get("error")
+    assert [s["status"] for s in res.report["stages"]] == ["ok"] * len(res.report["stages"])
+    emb, dead, ids, manifest = _nightly_outputs(run)
+    b_emb, b_dead, b_ids, b_manifest = _nightly_outputs(base)
+    # the baseline is right: every embeddable product indexed, the planted bad records dead-lettered
+    assert emb.num_rows == demo_catalog["n_unique_ids"] - 1
+    assert {(p, s, e) for p, s, e, _ in dead} == {(b["product_id"], b["stage"], b["error"])
+                                                  for b in demo_catalog["bad"]}
+    # same rows, same vectors, same dead letters, same published index, same report counts
+    assert emb.column("product_id").to_pylist() == b_emb.column("product_id").to_pylist()
+    for col in emb.column_names:
+        a, b = emb.column(col).to_pylist(), b_emb.column(col).to_pylist()
+        if col in VECTOR_COLUMNS:
+            assert [x is None for x in a] == [x is None for x in b], col
+            diffs = [float(np.max(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32))))
+                     for x, y in zip(a, b) if x is not None]
+            assert diffs and max(diffs) <= 1e-5, (col, max(diffs))
+        else:
+            assert a == b, col
+    assert dead == b_dead
+    assert ids == b_ids and sorted(ids) == emb.column("product_id").to_pylist()
+    for key in ("index_key", "n", "dim", "model_id"):
+        assert manifest[key] == b_manifest[key], key
+    assert res.report["counts"] == base["result"].report["counts"]
+    # the embed stage ran on this runner, loading the model at most once per worker process
+    (er,) = run["embed_reports"]
+    assert er["runner"] == RUNNERS[name][0]
+    by_process = er["counts"]["model_loads_by_process"]
+    assert by_process and all(v == 1 for v in by_process.values()), by_process
+    if "--direct_running_mode=multi_processing" in RUNNERS[name][1]:
+        assert 1 <= len(by_process) <= 2 and f"{__import__('socket').gethostname()}:{os.getpid()}" not in by_process
 
 
 # ------------------------------------------------------------------------------------------------ Dask (documented)

@@ -8,13 +8,11 @@ the tiny seeded model recorded as their query model).
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -173,6 +171,56 @@ def test_metrics(client):
     assert "P000001" not in text  # raw paths never become labels
 
 
+def _fast_path_of(app):
+    from index.service import SimilarFastPath
+
+    node = app.middleware_stack
+    while node is not None and not isinstance(node, SimilarFastPath):
+        node = getattr(node, "app", None)
+    return node
+
+
+def test_similar_fast_path_answers_exactly_like_the_fastapi_route(root_v1):
+    """The hot route's fast path (no FastAPI routing/dependencies) must be indistinguishable from the route."""
+    from fastapi.testclient import TestClient
+
+    from index.service import create_app
+
+    fast = TestClient(create_app(str(root_v1), token=TOKEN, reload_interval_s=0, max_k=50))
+    slow = TestClient(create_app(str(root_v1), token=TOKEN, reload_interval_s=0, max_k=50, fast_path=False))
+    good = auth()["Authorization"]
+    cases = [
+        ("/v1/products/P000007/similar", [], good), ("/v1/products/P000007/similar?k=5", [], good),
+        ("/v1/products/P000007/similar?k=50", [], good), ("/v1/products/P000007/similar?k=51", [], good),
+        ("/v1/products/P000007/similar?k=0", [], good), ("/v1/products/P000007/similar?k=05", [], good),
+        ("/v1/products/P000007/similar?k=+5", [], good), ("/v1/products/P000007/similar?k=", [], good),
+        ("/v1/products/P000007/similar?k=abc", [], good), ("/v1/products/P000007/similar?k=3&k=4", [], good),
+        ("/v1/products/P000007/similar?k=4&filter=category%3DShoes&filter=price%3C300", [], good),
+        ("/v1/products/P000007/similar?filter=category", [], good),
+        ("/v1/products/P000007/similar?filter=nope%3D1", [], good),
+        ("/v1/products/P000007/similar?filter=", [], good),
+        ("/v1/products/P000007/similar?other=1", [], good),
+        ("/v1/products/NOPE/similar", [], good), ("/v1/products/a%2Fb/similar", [], good),
+        ("/v1/products/%E2%9C%93/similar", [], good), ("/v1/products//similar", [], good),
+        ("/v1/products/" + "x" * 1025 + "/similar", [], good),
+        ("/v1/products/P000007/similar", [], None), ("/v1/products/P000007/similar", [], "Bearer wrong"),
+        ("/v1/products/P000007/similar", [], "bearer " + TOKEN), ("/v1/products/P000007/similar", [], good + " "),
+        ("/v1/products/P000007/similar", [], "Basic " + TOKEN),
+        ("/v1/products/P000007/similar", [("authorization", "Bearer wrong")], good),
+    ]
+    for path, extra, authz in cases:
+        headers = [("authorization", authz)] if authz else []
+        headers += extra
+        rf, rs = fast.get(path, headers=headers), slow.get(path, headers=headers)
+        assert (rf.status_code, rf.json()) == (rs.status_code, rs.json()), (path, authz, extra)
+        assert rf.headers["content-type"] == rs.headers["content-type"]
+    handled = _fast_path_of(fast.app).handled
+    assert 5 <= handled < len(cases)  # the plain cases took the fast path, the odd ones went to FastAPI
+    assert _fast_path_of(slow.app) is None
+    text = fast.get("/metrics", headers=auth()).text
+    assert 'route="/v1/products/{product_id}/similar",status="200"' in text
+
+
 # --------------------------------------------------------------------------------------------------------- errors
 BAD = [
     # (method, path, kwargs, status, code)
@@ -197,6 +245,12 @@ BAD = [
     ("post", "/v1/search", {"json": {"text": "x" * 2001}}, 422, "invalid_request"),
     ("post", "/v1/search", {"json": ["not", "an", "object"]}, 422, "invalid_request"),
     ("post", "/v1/search", {"content": "{not json"}, 400, "invalid_json"),
+    ("post", "/v1/search", {"content": b'{"text": "\xff\xfe"}'}, 400, "invalid_json"),
+    ("post", "/v1/search", {"content": '{"text": "\\ud800"}'}, 422, "invalid_request"),
+    ("post", "/v1/search", {"content": '{"product_id": "P000001", "filters": {"title": "\\ud800"}}'}, 422,
+     "invalid_filter"),
+    ("post", "/v1/search", {"content": '{"product_id": "P000001", "filters": {"\\udfff": 1}}'}, 422,
+     "invalid_filter"),
     ("get", "/v1/products/P000001/similar?filter=category", {}, 422, "invalid_filter"),
     ("get", "/v1/products/P000001/similar?filter=colour=red", {}, 422, "invalid_filter"),
     ("get", "/v1/products/P000001/similar?filter=category<3", {}, 422, "invalid_filter"),
