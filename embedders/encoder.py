@@ -114,6 +114,11 @@ def load_encoder(spec: ModelSpec, limits: ImageLimits = ImageLimits()) -> Encode
 
 def load_query_encoder(model: dict[str, Any], limits: dict[str, Any] | None = None) -> Encoder:
     """Encoder for the model recorded in an index manifest / embeddings provenance (``model`` = spec dict)."""
-    spec_dict = model.get("spec", model)
+    spec_dict = model.get("spec") or (model.get("model") or {}).get("spec")
+    if not spec_dict or "name" not in spec_dict:
+        from .errors import UserError
+
+        raise UserError(f"the index/embeddings record no model spec (model id {model.get('model_id')!r}); "
+                        f"cannot encode text/image queries with the same model")
     spec = ModelSpec.from_dict({k: v for k, v in spec_dict.items() if k in ModelSpec.__dataclass_fields__})
     return Encoder(load_model(spec), ImageLimits.from_dict(limits or {}))

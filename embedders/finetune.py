@@ -99,23 +99,27 @@ class CatalogItem:
 @dataclass
 class FinetuneConfig:
     mode: str = "heads"
-    epochs: int = 60
+    epochs: int = 30
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 3e-4
     tower_lr: float = 1e-5
     weight_decay: float = 0.0
     head: str = "linear"          # linear | mlp
     dim: int = 256                # aligned dim per head pair
     hidden: int = 1024            # mlp hidden width
     dropout: float = 0.0
-    ensemble: int = 1             # head pairs trained side by side (different seeds); their unit outputs concatenate
-    temperature: float = 0.07     # initial; learned unless learn_temperature = false
+    ensemble: int = 1             # head pairs trained side by side; their unit outputs concatenate
+    init: str = "cca"             # cca: linear heads start from regularised CCA of the training pairs | random
+    cca_reg_image: tuple[float, ...] = (3.0, 10.0, 30.0)  # ridge on the image covariance, x its mean eigenvalue
+    cca_reg_text: tuple[float, ...] = (1.0, 3.0, 10.0)
+    cca_power: tuple[float, ...] = (0.0, 0.5)            # canonical directions scaled by correlation ** power
+    temperature: float = 0.05     # initial; learned unless learn_temperature = false
     learn_temperature: bool = True
     center: bool = True           # subtract the training mean of each tower's features before the heads
     private: bool = True          # keep each tower's own (centred) view beside the aligned block
     block_scales: str = "auto"    # "auto" (chosen on validation) or "alpha,beta_image,beta_text"
     flip_views: bool = True       # heads/lit: also cache features of the mirrored image (a second view per product)
-    patience: int = 10            # epochs without a better validation score before stopping
+    patience: int = 8             # epochs without a better validation score before stopping
     min_epochs: int = 3
     seed: int = 0
     split: tuple[float, float, float] = (0.7, 0.1, 0.2)
@@ -132,13 +136,21 @@ class FinetuneConfig:
         unknown = set(d) - known
         if unknown:
             raise UserError(f"[finetune] unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
-        c = cls(**{k: (tuple(v) if k == "split" else v) for k, v in d.items()})
+        tuples = ("split", "cca_reg_image", "cca_reg_text", "cca_power")
+        c = cls(**{k: (tuple(v) if k in tuples and isinstance(v, (list, tuple)) else
+                       (v,) if k in tuples[1:] else v) for k, v in d.items()})
         c.validate()
         return c
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise UserError(f"[finetune] mode = {self.mode!r}; expected one of {MODES}")
+        if self.init not in ("cca", "random"):
+            raise UserError(f"[finetune] init = {self.init!r}; expected 'cca' or 'random'")
+        for name in ("cca_reg_image", "cca_reg_text", "cca_power"):
+            v = getattr(self, name)
+            if not v or any(not isinstance(x, (int, float)) or x < 0 for x in v):
+                raise UserError(f"[finetune] {name} = {v!r}; expected a non-empty list of numbers >= 0")
         if self.head not in ("linear", "mlp"):
             raise UserError(f"[finetune] head = {self.head!r}; expected 'linear' or 'mlp'")
         for name in ("epochs", "batch_size", "dim", "hidden", "ensemble", "k", "feature_batch_size"):
@@ -157,7 +169,8 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["split"] = list(self.split)
+        for k in ("split", "cca_reg_image", "cca_reg_text", "cca_power"):
+            d[k] = list(getattr(self, k))
         return d
 
     def training_identity(self) -> dict[str, Any]:
@@ -361,6 +374,38 @@ def cross_modal_scores(text_vecs: np.ndarray, image_vecs: np.ndarray, query_rows
     return {"recall": float((rank <= k).mean()), "mrr": float((1.0 / rank).mean()), "queries": int(len(q))}
 
 
+class CCA:
+    """Regularised canonical correlation analysis of paired features (closed form), for initialising linear heads.
+
+    ``X`` [n, dx] and ``Y`` [n, dy] are centred. With ``Cxx = X'X/n + rx * mean_eig(X'X/n) * I`` (likewise ``Cyy``),
+    the canonical directions are ``Wx = Cxx^-1/2 U``, ``Wy = Cyy^-1/2 V`` from the SVD ``Cxx^-1/2 Cxy Cyy^-1/2 =
+    U S V'``; columns are scaled by ``S ** power``. Eigen-decompositions are computed once, so a grid of ridge
+    values costs one small SVD each.
+    """
+
+    def __init__(self, X: np.ndarray, Y: np.ndarray):
+        X = np.asarray(X, np.float64)
+        Y = np.asarray(Y, np.float64)
+        n = len(X)
+        self.cxy = X.T @ Y / n
+        self.wx, self.vx = np.linalg.eigh(X.T @ X / n)
+        self.wy, self.vy = np.linalg.eigh(Y.T @ Y / n)
+
+    @staticmethod
+    def _isqrt(w: np.ndarray, v: np.ndarray, reg: float) -> np.ndarray:
+        w = np.maximum(w, 0.0)
+        shift = reg * max(float(w.mean()), 1e-12)
+        return (v * (w + shift) ** -0.5) @ v.T
+
+    def solve(self, reg_x: float, reg_y: float, dim: int, power: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ix = self._isqrt(self.wx, self.vx, reg_x)
+        iy = self._isqrt(self.wy, self.vy, reg_y)
+        u, s, vt = np.linalg.svd(ix @ self.cxy @ iy, full_matrices=False)
+        d = min(dim, len(s))
+        scale = np.maximum(s[:d], 0.0) ** power
+        return (ix @ u[:, :d]) * scale, (iy @ vt.T[:, :d]) * scale, s[:d]
+
+
 class Trainer:
     """Fine-tunes alignment heads (and, in lit/full mode, towers) of a base model on catalog pairs."""
 
@@ -513,13 +558,14 @@ class Trainer:
             out["reviews"] = rv
         return out
 
-    def evaluate(self, vectors: Mapping[str, np.ndarray], split: str, fusion: Mapping[str, Any] | None = None
-                 ) -> dict[str, Any] | None:
+    def evaluate(self, vectors: Mapping[str, np.ndarray], split: str, fusion: Mapping[str, Any] | None = None,
+                 what: str = "full") -> dict[str, Any] | None:
+        """The injected evaluator on ``split``'s queries (neighbours searched among all products)."""
         if self.evaluator is None:
             return None
         q = [self.ids[i] for i in self.rows[split]]
         return self.evaluator(ids=self.ids, labels=self.labels, vectors=dict(vectors),
-                              fusion=dict(fusion or self.fusion), query_ids=q)
+                              fusion=dict(fusion or self.fusion), query_ids=q, k=self.cfg.k, what=what)
 
     def _val_score(self, vectors: Mapping[str, np.ndarray]) -> dict[str, float]:
         return cross_modal_scores(vectors["text"], vectors["image"], self.rows["val"], self.cfg.k)
@@ -580,18 +626,27 @@ class Trainer:
         opt.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), map_location=self.device, weights_only=True))
         return int(st["epoch"]), best, list(st["history"]), int(st["patience_left"])
 
+    def _tower_params(self) -> list:
+        """Parameters that train besides the heads: the text tower (lit) or both towers (full)."""
+        if self.cfg.mode == "heads":
+            return []
+        out = []
+        for name, p in self.model.named_parameters():
+            if name.startswith("logit_") or name == "logit_scale":
+                continue
+            if self.cfg.mode == "lit" and name.startswith("visual."):
+                continue
+            out.append(p)
+        return out
+
     def _trainable_tower(self):
-        if self.cfg.mode == "lit":
-            return self.model.text
-        if self.cfg.mode == "full":
-            return self.model
-        return None
+        return self.model if self.cfg.mode in ("lit", "full") else None
 
     def _tower_state(self) -> dict[str, Any]:
         """Tower tensors that training changed (text tower for lit, both towers for full), keyed as in the model."""
         sd = self.model.state_dict()
         if self.cfg.mode == "lit":
-            return {k: v.detach().cpu() for k, v in sd.items() if k.startswith("text.")}
+            return {k: v.detach().cpu() for k, v in sd.items() if not k.startswith("visual.")}
         return {k: v.detach().cpu() for k, v in sd.items()}
 
     # ---- the loop ------------------------------------------------------------------------------------------------
@@ -629,17 +684,23 @@ class Trainer:
         before_val = self._val_score(init_vecs)
         log.info("before training: validation text->image recall@%d=%.3f", cfg.k, before_val["recall"])
 
+        init_info = self._init_heads(heads, feats, pairs) if not self.resume or not os.path.isfile(
+            os.path.join(self._state_dir(), "state.json")) else {"method": "resumed"}
+        start_vecs = self.vectors(heads, feats)
+        start_val = self._val_score(start_vecs)
+
         groups = [{"params": [p for p in heads.parameters() if p.requires_grad], "lr": cfg.lr}]
         tower = self._trainable_tower()
         if tower is not None:
-            for p in tower.parameters():
+            params = self._tower_params()
+            for p in params:
                 p.requires_grad_(True)
-            if cfg.mode == "full":  # batch-norm statistics stay as pretrained (small batches)
+            if cfg.mode == "full":  # batch-norm layers stay as pretrained (small batches)
                 for m in self.model.modules():
                     if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                         for p in m.parameters():
                             p.requires_grad_(False)
-            groups.append({"params": [p for p in tower.parameters() if p.requires_grad], "lr": cfg.tower_lr})
+            groups.append({"params": [p for p in params if p.requires_grad], "lr": cfg.tower_lr})
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler("cuda") if (self.device.startswith("cuda") and self.precision == "fp16") \
             else None
@@ -654,7 +715,7 @@ class Trainer:
                 start_epoch, best, history, patience_left = st
                 log.info("resumed after epoch %d (best epoch %s)", start_epoch, best.get("epoch"))
         if best.get("heads") is None:
-            best.update(score=[before_val["recall"], before_val["mrr"]], epoch=0,
+            best.update(score=[start_val["recall"], start_val["mrr"]], epoch=0,
                         heads=_contiguous(heads.state_dict()),
                         tower=_contiguous(self._tower_state()) if tower is not None else None)
 
@@ -717,13 +778,64 @@ class Trainer:
             "before": metrics_before, "after": metrics_after, "base": metrics_base,
         }, {
             "history": history, "best_epoch": best["epoch"], "stopped_by": stopped,
-            "validation": {"before": before_val, "after": val_after}, "block_scales": scale_search,
+            "validation": {"before": before_val, "init": start_val, "after": val_after}, "init": init_info,
+            "block_scales": scale_search,
             "timing_s": {"features": round(self.feature_seconds, 2), "training": round(train_seconds, 2),
                          "total": round(time.time() - t_start, 2)},
             "pairs": int(len(pairs)), "split_counts": counts, "base_fusion": base_fusion,
         })
         shutil.rmtree(self._state_dir(), ignore_errors=True)
         return TrainResult(self.out_dir, manifest, final_vecs, self.ids)
+
+    def _init_heads(self, heads, feats: FeatureSet, pairs: np.ndarray) -> dict[str, Any]:
+        """Closed-form start for linear heads: regularised CCA of the training pairs, its ridge/power picked by
+        validation text->image recall (then MRR). Epoch 0 of the training is this solution."""
+        import torch
+
+        cfg = self.cfg
+        if cfg.init != "cca":
+            return {"method": "random"}
+        if cfg.head != "linear":
+            log.info("init = 'cca' applies to linear heads; %s heads start at random", cfg.head)
+            return {"method": "random", "reason": f"{cfg.head} heads"}
+        mu_i = heads.image_mean.detach().cpu().numpy().astype(np.float64)
+        mu_t = heads.text_mean.detach().cpu().numpy().astype(np.float64)
+        t0 = time.time()
+        cca = CCA(feats.image[pairs] - mu_i, feats.text[pairs] - mu_t)
+        tried = []
+        best = None
+        for rx in cfg.cca_reg_image:
+            for ry in cfg.cca_reg_text:
+                for pw in cfg.cca_power:
+                    wx, wy, corr = cca.solve(rx, ry, cfg.dim, pw)
+                    self._set_linear_heads(heads, wx, wy)
+                    sc = self._val_score(self.vectors(heads, feats))
+                    tried.append({"reg_image": rx, "reg_text": ry, "power": pw,
+                                  f"val_recall@{cfg.k}": round(sc["recall"], 5), "val_mrr": round(sc["mrr"], 5)})
+                    key = (sc["recall"], sc["mrr"])
+                    if best is None or key > best[0]:
+                        best = (key, rx, ry, pw, wx, wy, corr)
+        (rec, mrr), rx, ry, pw, wx, wy, corr = best
+        self._set_linear_heads(heads, wx, wy)
+        log.info("CCA init (reg_image %s, reg_text %s, power %s): validation recall@%d %.3f, mrr %.3f "
+                 "(%d settings, %.1fs)", rx, ry, pw, cfg.k, rec, mrr, len(tried), time.time() - t0)
+        return {"method": "cca", "chosen": {"reg_image": rx, "reg_text": ry, "power": pw},
+                "top_correlations": [round(float(c), 4) for c in corr[:8]], "tried": tried}
+
+    @staticmethod
+    def _set_linear_heads(heads, wx: np.ndarray, wy: np.ndarray) -> None:
+        import torch
+
+        with torch.no_grad():
+            for hs, w in ((heads.image_heads, wx), (heads.text_heads, wy)):
+                for h in hs:
+                    lin = h[-1]
+                    weight = torch.zeros_like(lin.weight)
+                    d = min(w.shape[1], weight.shape[0])
+                    weight[:d] = torch.from_numpy(np.ascontiguousarray(w[:, :d].T)).to(weight)
+                    lin.weight.copy_(weight)
+                    if lin.bias is not None:
+                        lin.bias.zero_()
 
     def _base_fusion(self) -> dict[str, Any]:
         """Fusion for the base model's own vectors: the configured one, as concat when the towers differ in dim."""
@@ -743,7 +855,9 @@ class Trainer:
         tower = self._trainable_tower()
         if tower is not None:
             tower.train()
-            if cfg.mode == "full":
+            if cfg.mode == "lit" and hasattr(self.model, "visual"):
+                self.model.visual.eval()  # frozen image tower (its features are cached anyway)
+            if cfg.mode in ("lit", "full"):
                 for m in self.model.modules():
                     if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                         m.eval()
@@ -819,7 +933,7 @@ class Trainer:
         for bi in BLOCK_SCALE_GRID:
             for bt in BLOCK_SCALE_GRID:
                 heads.block_scales.copy_(torch.tensor([1.0, bi, bt]))
-                m = self.evaluate(self.vectors(heads, feats), "val")
+                m = self.evaluate(self.vectors(heads, feats), "val", what="fused")
                 fused = ((m or {}).get("item_to_item") or {}).get("fused") or {}
                 p = fused.get(key)
                 tried.append({"beta_image": bi, "beta_text": bt, key: p})

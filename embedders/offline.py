@@ -358,14 +358,6 @@ def _aligned_class():
             self.heads = heads
 
         @property
-        def visual(self):
-            return self.base.visual
-
-        @property
-        def text(self):
-            return self.base.text
-
-        @property
         def logit_scale(self):
             return self.heads.logit_scale.mean()
 
@@ -422,14 +414,37 @@ def _check_spec_name(spec) -> None:
                         f"pinned packages; leave pretrained empty")
 
 
+def base_spec_of(spec):
+    """The base model of a checkpoint folder as a ModelSpec (``None``: the offline towers themselves)."""
+    folder = _checkpoint_dir(spec)
+    if folder is None:
+        return None
+    base = dict(read_model_json(folder).get("base") or {})
+    if base.get("name", OFFLINE_MODEL) == OFFLINE_MODEL:
+        return None
+    from .models import ModelSpec
+
+    return ModelSpec.from_dict(base)
+
+
 def preprocess_config(spec) -> dict[str, Any]:
     _check_spec_name(spec)
-    return dict(PREPROCESS)
+    base = base_spec_of(spec)
+    if base is None:
+        return dict(PREPROCESS)
+    from .models import preprocess_config as base_preprocess_config
+
+    return base_preprocess_config(base)
 
 
 def build_tokenizer(spec):
-    """The MiniLM word-piece tokenizer (lower-cased), fixed 128-token tensors padded with 0."""
+    """The MiniLM word-piece tokenizer (lower-cased), fixed 128-token tensors padded with 0 (or the base's)."""
     _check_spec_name(spec)
+    base = base_spec_of(spec)
+    if base is not None:
+        from .models import build_tokenizer as base_build_tokenizer
+
+        return base_build_tokenizer(base)
     paths = weight_paths(verify=True)
     from open_clip.tokenizer import HFTokenizer
 
@@ -473,14 +488,25 @@ def _verify_checkpoint_file(path: str, expected: str) -> None:
 
 def load_offline_model(spec):
     """``shopvec-offline`` (unaligned towers) or ``local-dir:DIR`` (a ``shopvec finetune`` checkpoint) -> LoadedModel."""
-    from .models import LoadedModel, resolve_device, resolve_precision
+    import dataclasses
+
+    from .models import LoadedModel, load_model, resolve_device, resolve_precision
 
     _check_spec_name(spec)
     device = resolve_device(spec.device)
     precision = resolve_precision(spec.precision, device)
     folder = _checkpoint_dir(spec)
-    base = build_unaligned("cpu", "fp32")
-    info: dict[str, Any] = {"name": spec.name, "builder": "offline", "towers": provenance()}
+    info: dict[str, Any] = {"name": spec.name, "builder": "offline"}
+    base_spec = base_spec_of(spec)
+    if base_spec is None:
+        base = build_unaligned("cpu", "fp32")
+        preprocess, image_size, random_init = _preprocess(), IMAGE_SIZE, False
+        info["towers"] = provenance()
+    else:  # heads trained over another model (any open_clip spec, e.g. the tiny test model)
+        base_loaded = load_model(dataclasses.replace(base_spec, device="cpu", precision="fp32"))
+        base, preprocess, image_size = base_loaded.model, base_loaded.preprocess, base_loaded.image_size
+        random_init = base_loaded.random_init
+        info["base_model_id"] = base_loaded.model_id
     if folder is None:
         model, aligned, image_dim, text_dim = base, False, IMAGE_DIM, TEXT_DIM
         log.warning("model %s: the image (%d-d) and text (%d-d) towers are pretrained separately and NOT aligned: "
@@ -495,12 +521,12 @@ def load_offline_model(spec):
                 raise UserError(f"{folder}: tower weights hold unknown tensors {unexpected[:3]}")
         model = make_aligned(base, heads).eval()
         aligned, image_dim, text_dim = True, heads.out_dim, heads.out_dim
-        info.update({"checkpoint": folder, "base": meta.get("base"), "mode": meta.get("mode"),
+        info.update({"checkpoint": os.path.abspath(folder), "base": meta.get("base"), "mode": meta.get("mode"),
                      "recommended_fusion": meta.get("recommended_fusion")})
     model = _place(model, device, precision)
-    loaded = LoadedModel(model=model, preprocess=_preprocess(), tokenizer=build_tokenizer(spec),
-                         model_id=spec.model_id, random_init=False, image_dim=image_dim, text_dim=text_dim,
-                         device=device, dtype=precision, aligned=aligned, image_size=IMAGE_SIZE, info=info)
+    loaded = LoadedModel(model=model, preprocess=preprocess, tokenizer=build_tokenizer(spec),
+                         model_id=spec.model_id, random_init=random_init, image_dim=image_dim, text_dim=text_dim,
+                         device=device, dtype=precision, aligned=aligned, image_size=image_size, info=info)
     log.info("loaded %s on %s (%s): image dim %d, text dim %d, aligned=%s", spec.model_id, device, precision,
              image_dim, text_dim, aligned)
     return loaded

@@ -153,10 +153,13 @@ def full_ranking_ap(queries: np.ndarray, corpus: np.ndarray, query_labels: np.nd
     for s in range(0, q.shape[0], block):
         e = min(q.shape[0], s + block)
         scores = q[s:e] @ c.T
+        if exclude is not None:  # the excluded item goes last, so it takes no rank before any other
+            ex = np.asarray(exclude[s:e])
+            rows = np.nonzero(ex >= 0)[0]
+            scores[rows, ex[rows]] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")
         rel = (cl[order] == np.asarray(query_labels[s:e])[:, None]) & (np.asarray(query_labels[s:e])[:, None] >= 0)
         if exclude is not None:
-            ex = np.asarray(exclude[s:e])
             rel &= ~((order == ex[:, None]) & (ex[:, None] >= 0))
         out[s:e] = average_precision(rel)
     return out
@@ -541,3 +544,200 @@ def evaluate_embeddings(path: str, label: str, k: int = 10, query_ids: Sequence[
             log.warning("%d query ids are not in the embeddings (products without a vector)", unknown)
     ann = index_ann_search(index_root, vs) if index_root else None
     return evaluate_vectors(vs, k=k, query_ids=query_ids, ann=ann, with_map=with_map)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fusion over whole matrices (the vectorised twin of embedders.fusion.fuse), evaluation of in-memory vectors
+def fuse_rows(vectors: Mapping[str, np.ndarray | None], fusion: Any) -> np.ndarray:
+    """Row-wise :func:`embedders.fusion.fuse` over matrices (all-zero rows = missing); all-zero output rows where a
+    product has no usable modality. Equal to ``fuse`` row by row (float64 arithmetic, float32 result)."""
+    from embedders.fusion import MODALITIES, FusionConfig
+
+    cfg = fusion if isinstance(fusion, FusionConfig) else FusionConfig.from_dict(dict(fusion or {}))
+    mats = {m: (None if vectors.get(m) is None else np.asarray(vectors[m], dtype=np.float64)) for m in MODALITIES}
+    given = [m for m in MODALITIES if mats[m] is not None]
+    if not given:
+        raise UserError("no vectors to fuse")
+    n = len(mats[given[0]])
+    dims = {m: mats[m].shape[1] for m in given}
+    dims.setdefault("text", dims.get("reviews", dims.get("image", 0)))
+    dims.setdefault("reviews", dims["text"])
+    dims.setdefault("image", dims["text"])
+    units: dict[str, np.ndarray] = {}
+    present: dict[str, np.ndarray] = {}
+    for m in MODALITIES:
+        w = float(cfg.weights.get(m, 0.0))
+        if mats[m] is None or w <= 0:
+            present[m] = np.zeros(n, dtype=bool)
+            units[m] = np.zeros((n, dims[m]))
+            continue
+        norms = np.linalg.norm(mats[m], axis=1)
+        ok = np.isfinite(norms) & (norms > 0)
+        present[m] = ok
+        units[m] = np.where(ok[:, None], mats[m] / np.where(ok, norms, 1.0)[:, None], 0.0)
+    if cfg.mode == "sum":
+        used = [m for m in MODALITIES if present[m].any()]
+        if len({dims[m] for m in used}) > 1:
+            raise UserError(f"fusion mode 'sum' needs equal modality dims, got { {m: dims[m] for m in used} }; "
+                            f"use 'concat'")
+        d = dims[used[0]] if used else dims["image"]
+        total = sum(float(cfg.weights.get(m, 0.0)) * present[m] for m in MODALITIES)
+        v = np.zeros((n, d))
+        safe = np.where(total > 0, total, 1.0)
+        for m in used:
+            v += (float(cfg.weights[m]) * present[m] / safe)[:, None] * units[m]
+    else:
+        v = np.concatenate([math.sqrt(max(float(cfg.weights.get(m, 0.0)), 0.0)) * units[m] for m in MODALITIES],
+                           axis=1)
+    norms = np.linalg.norm(v, axis=1)
+    ok = np.isfinite(norms) & (norms > 0)
+    out = np.zeros_like(v)
+    out[ok] = v[ok] / norms[ok, None]
+    return out.astype(np.float32)
+
+
+def vector_set_from_arrays(ids: Sequence[str], labels: Sequence[Any], vectors: Mapping[str, np.ndarray | None],
+                           fusion: Any, meta: Mapping[str, Any] | None = None) -> VectorSet:
+    codes, names = encode_labels(labels)
+    vecs = {m: np.asarray(v, dtype=np.float32) for m, v in vectors.items() if v is not None and m != "fused"}
+    vecs["fused"] = fuse_rows(vecs, fusion)
+    return VectorSet(list(ids), codes, names, vecs, {"fusion": dict(fusion or {}), **dict(meta or {})})
+
+
+def evaluate_modalities(ids: Sequence[str], labels: Sequence[Any], vectors: Mapping[str, np.ndarray | None],
+                        fusion: Any, query_ids: Sequence[str] | None = None, k: int = 10, what: str = "full",
+                        meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics of per-modality vectors held in memory (fused here with ``fusion``), the ``shopvec eval`` JSON.
+
+    This is the evaluator ``embedders.finetune`` is given. ``what="fused"`` computes only the fused item-to-item
+    precision@k (cheap, for parameter searches).
+    """
+    vs = vector_set_from_arrays(ids, labels, vectors, fusion, meta)
+    if what == "fused":
+        res = item_to_item(vs.vectors["fused"], vs.labels, vs.mask_for(query_ids), k, with_map=False)
+        return {"item_to_item": {"fused": {f"precision@{k}": _r(res.precision.mean()) if len(res.query_rows)
+                                           else None}}}
+    return evaluate_vectors(vs, k=k, query_ids=query_ids).metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fusion tuning
+def weight_grid(n: int, step: float) -> list[tuple[float, ...]]:
+    """All weight vectors of ``n`` modalities on the simplex with the given step (each sums to 1)."""
+    units = int(round(1.0 / step))
+    if units < 1 or abs(units * step - 1.0) > 1e-9:
+        raise UserError(f"--step {step}: expected 1/N for an integer N (e.g. 0.05, 0.1, 0.25)")
+    out: list[tuple[float, ...]] = []
+
+    def rec(prefix: list[int], left: int, slots: int) -> None:
+        if slots == 1:
+            out.append(tuple(round((x) / units, 10) for x in prefix + [left]))
+            return
+        for i in range(left + 1):
+            rec(prefix + [i], left - i, slots - 1)
+
+    if n >= 1:
+        rec([], units, n)
+    return out
+
+
+def tune_fusion(vs: VectorSet, val_ids: Sequence[str], test_ids: Sequence[str], k: int = 10, step: float = 0.05,
+                modes: Sequence[str] | None = None) -> dict[str, Any]:
+    """Pick the fusion mode and modality weights maximising same-label precision@k of item-to-item neighbours on
+    the validation queries (neighbours searched in the whole catalog); report the test figure of the choice against
+    equal weights (same mode) and against the fusion the embeddings were made with."""
+    present = [m for m in ("image", "text", "reviews") if vs.vectors.get(m) is not None
+               and present_rows(vs.vectors[m]).any()]
+    if not present:
+        raise UserError("tune-fusion: the embeddings hold no per-modality vectors (image_vector, text_vector, "
+                        "review_vector)")
+    dims = {m: vs.vectors[m].shape[1] for m in present}
+    comparable, why = cross_modal_comparable(vs)
+    allowed = ["concat"]
+    if len(set(dims.values())) == 1 and vs.meta.get("aligned") is not False:
+        allowed.append("sum")
+    modes = list(modes or allowed)
+    for m in modes:
+        if m not in ("sum", "concat"):
+            raise UserError(f"--modes: {m!r} is not a fusion mode (sum, concat)")
+        if m not in allowed:
+            raise UserError(f"--modes: 'sum' needs one shared space, but these vectors have dims {dims}"
+                            f"{'' if vs.meta.get('aligned') is not False else ' and come from unaligned towers'}; "
+                            f"use concat")
+    current = dict(vs.meta.get("fusion") or {})
+    keep_weights = {m: float(w) for m, w in (current.get("weights") or {}).items() if m not in present}
+    val_mask = vs.mask_for(val_ids)
+    test_mask = vs.mask_for(test_ids)
+    if not (val_mask & (vs.labels >= 0)).any() or not (test_mask & (vs.labels >= 0)).any():
+        raise UserError("tune-fusion: the validation or test split has no labelled products")
+    base = {m: vs.vectors[m] for m in present}
+
+    def precision(fusion: dict, mask: np.ndarray) -> float:
+        fused = fuse_rows(base, fusion)
+        res = item_to_item(fused, vs.labels, mask, k, with_map=False)
+        return float(res.precision.mean()) if len(res.query_rows) else float("nan")
+
+    def cfg_of(mode: str, w: Sequence[float]) -> dict:
+        weights = {**{m: 0.0 for m in ("image", "text", "reviews")}, **keep_weights}
+        weights.update({m: float(x) for m, x in zip(present, w)})
+        return {"mode": mode, "weights": weights}
+
+    grid = [w for w in weight_grid(len(present), step) if sum(w) > 0]
+    equal = tuple(1.0 / len(present) for _ in present)
+    tried = []
+    best = None
+    for mode in modes:
+        for w in grid:
+            p = precision(cfg_of(mode, w), val_mask)
+            dist = float(np.abs(np.asarray(w) - np.asarray(equal)).sum())
+            tried.append({"mode": mode, "weights": dict(zip(present, w)), f"precision@{k}": _r(p)})
+            key = (round(p, 12), -dist, mode == "concat")
+            if best is None or key > best[0]:
+                best = (key, mode, w)
+        log.info("tune-fusion: %s: %d weight settings tried", mode, len(grid))
+    _, mode, w = best
+    chosen = cfg_of(mode, w)
+    eq = cfg_of(mode, equal)
+    out = {
+        "k": k, "modalities": present, "modes": modes, "step": step,
+        "queries": {"validation": int((val_mask & (vs.labels >= 0)).sum()),
+                    "test": int((test_mask & (vs.labels >= 0)).sum())},
+        "chosen": chosen,
+        "validation": {f"precision@{k}": _r(precision(chosen, val_mask)),
+                       f"equal_weights_precision@{k}": _r(precision(eq, val_mask))},
+        "test": {f"precision@{k}": _r(precision(chosen, test_mask)),
+                 f"equal_weights_precision@{k}": _r(precision(eq, test_mask))},
+        "equal_weights": eq,
+        "top": sorted(tried, key=lambda t: -(t[f"precision@{k}"] or 0))[:10],
+    }
+    if current.get("mode") in allowed:
+        try:
+            out["current"] = current
+            out["test"][f"current_precision@{k}"] = _r(precision(current, test_mask))
+        except UserError:
+            pass
+    out["test"]["gain_over_equal"] = _r(out["test"][f"precision@{k}"] - out["test"][f"equal_weights_precision@{k}"])
+    return out
+
+
+def fusion_snippet(result: Mapping[str, Any], source: str = "") -> str:
+    """The chosen fusion as a TOML snippet for a shopvec config."""
+    k = result["k"]
+    c = result["chosen"]
+    w = ", ".join(f"{m} = {round(float(c['weights'].get(m, 0.0)), 4)}" for m in ("image", "text", "reviews"))
+    lines = [
+        f"# written by `shopvec tune-fusion`{(' on ' + source) if source else ''}",
+        f"# label precision@{k} of item-to-item neighbours (queries: validation {result['queries']['validation']}, "
+        f"test {result['queries']['test']}; neighbours searched in the whole catalog)",
+        f"#   validation: tuned {result['validation'][f'precision@{k}']}, equal weights "
+        f"{result['validation'][f'equal_weights_precision@{k}']}",
+        f"#   test:       tuned {result['test'][f'precision@{k}']}, equal weights "
+        f"{result['test'][f'equal_weights_precision@{k}']}"
+        + (f", current {result['test'][f'current_precision@{k}']}" if f"current_precision@{k}" in result["test"]
+           else ""),
+    ]
+    absent = [m for m in ("image", "text", "reviews") if m not in result["modalities"]]
+    if absent:
+        lines.append(f"# {', '.join(absent)}: no vectors in these embeddings; weight kept from the current config")
+    lines += ["[fusion]", f'mode = "{c["mode"]}"', f"weights = {{ {w} }}", ""]
+    return "\n".join(lines)

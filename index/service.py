@@ -58,6 +58,7 @@ DEFAULT_MAX_TEXT_CHARS = 2000
 DEFAULT_MAX_IMAGE_PIXELS = 16_000_000
 DEFAULT_RELOAD_INTERVAL_S = 2.0
 MAX_VECTOR_LEN = 65536
+MAX_BATCH_RESULTS = 100_000  # product_ids x k in one /v1/similar:batch answer
 KNOWN_METHODS = frozenset({"GET", "POST", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0)
@@ -980,6 +981,9 @@ def create_app(index_root: str, token: str | None = None, max_k: int = DEFAULT_M
         _omp_once()
         flt = _json_filters(req.filters)
         ids = list(req.product_ids)
+        if len(ids) * req.k > MAX_BATCH_RESULTS:
+            raise ApiError(422, "batch_too_large", f"{len(ids)} ids x k={req.k} = {len(ids) * req.k} results > "
+                                                   f"{MAX_BATCH_RESULTS} per call; split the batch")
         known = [pid for pid in ids if pid in snap.index]
         lists = _lib_call(snap.index.similar_batch, known, k=req.k, filters=flt) if known else []
         found = dict(zip(known, lists))
@@ -1038,4 +1042,8 @@ def app_from_env() -> FastAPI:
         raise RuntimeError(f"${ENV_CONFIG} is not set (JSON with at least index_root)")
     kw = json.loads(raw)
     root = kw.pop("index_root")
+    level = kw.pop("log_level", None)
+    if level and not logging.getLogger().handlers:  # a uvicorn worker process: the CLI's logging setup is not here
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+                            datefmt="%H:%M:%S")
     return create_app(root, token=os.environ.get(ENV_TOKEN) or None, **kw)

@@ -46,6 +46,8 @@ _NOISE = ("Resource module is not available", "Using yield and return in the pro
 
 
 def _drop_noise(record: logging.LogRecord) -> bool:
+    if record.name == "root" and record.levelno < logging.WARNING:
+        return False  # libraries that log INFO chatter on the root logger (open_clip)
     msg = record.getMessage()
     return not any(n in msg for n in _NOISE)
 
@@ -57,7 +59,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     for h in logging.getLogger().handlers:
         h.addFilter(_drop_noise)
     if verbose < 2:
-        for noisy in ("apache_beam", "urllib3", "httpx", "PIL", "root", "timm", "open_clip", "h5py"):
+        for noisy in ("apache_beam", "urllib3", "httpx", "PIL", "timm", "open_clip", "h5py"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -100,6 +100,7 @@ def run(args) -> int:
         "max_body_bytes": args.max_body_bytes, "max_image_pixels": args.max_image_pixels,
         "reload_interval_s": args.reload_interval, "mmap": args.mmap, "verify": args.verify,
         "warm_encoder": args.warm_encoder, "omp_threads": args.omp_threads or None,
+        "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()),
     })
     log.info("serving %s on http://%s:%d (%d worker(s), auth %s)", args.index, args.host, args.port, args.workers,
              "on" if token else "off")

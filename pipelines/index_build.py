@@ -10,8 +10,9 @@ The autofaiss / FAISS ``demo_ondisk_ivf`` recipe, with Beam as the cluster::
              ``add_with_ids(positions)`` and writes ``WORK/shards/shard-NNNNN.faiss`` (temp + rename, so a retried
              bundle rewrites the same file) -> ToList -> ``WORK/shards/_done.json``
     driver   merge the shards in shard order: in RAM (``merge_into``) or into on-disk inverted lists
-             (``faiss.contrib.ondisk.merge_ondisk`` -> ``index.ivfdata``, memory-mapped at query time) -> tune and
-             publish through ``index.store`` like the single-process build.
+             (``index.ivfdata``, the bytes ``faiss.contrib.ondisk.merge_ondisk`` writes, one shard at a time;
+             memory-mapped at query time) -> tune and publish through ``index.store`` like the single-process build
+             (:func:`build_and_publish_sharded`, what ``shopvec index --runner ...`` runs).
 
 Merging the shards in shard order appends each inverted list's entries in global-position order, which is exactly
 the order a single-process ``add`` produces, so for the same trained index the sharded result is the same index:
@@ -25,10 +26,8 @@ Beam ``FileSystems``), shard indexes the same way.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -252,19 +251,6 @@ def sample_vectors(plan: Plan, n_sample: int, seed: int = 0, column: str = VECTO
 
 
 # ------------------------------------------------------------------------------------------------ FAISS helpers
-def metric_of(metric: str | int):
-    import faiss
-
-    if isinstance(metric, int):
-        return metric
-    m = metric.lower()
-    if m in ("ip", "inner_product", "cosine"):
-        return faiss.METRIC_INNER_PRODUCT
-    if m in ("l2",):
-        return faiss.METRIC_L2
-    raise UserError(f"unknown metric {metric!r}; expected ip or l2")
-
-
 def shardable(key: str) -> bool:
     """IVF families only (the trained coarse quantizer gives every worker the same partition), without a refine
     stage (``RFlat`` / ``Refine(...)`` keep a second, position-addressed store that shards do not merge)."""
@@ -275,19 +261,20 @@ def shardable(key: str) -> bool:
             and "RFlat" not in k and "Refine" not in k and "IDMap" not in k)
 
 
-def train_empty_index(sample: np.ndarray, key: str, metric: str | int = "ip") -> bytes:
-    """Train ``key`` on ``sample`` (coarse quantizer + PQ/OPQ/SQ codebooks) and return it, empty, serialised."""
-    import faiss
+def train_empty_index(sample: np.ndarray, key: str, config=None) -> bytes:
+    """Train ``key`` (inner product; ``index.build.create_index`` settings) on ``sample`` and return it, empty,
+    serialised with ``faiss.serialize_index``."""
+    from index.build import BuildConfig, create_index
 
     if not shardable(key):
         raise UserError(f"index key {key!r}: only IVF families can be built sharded (the trained coarse quantizer "
                         f"is what the workers share); use the single-process build for Flat/HNSW")
-    index = faiss.index_factory(int(sample.shape[1]), key, metric_of(metric))
+    index = create_index(key, int(sample.shape[1]), len(sample), config or BuildConfig())
     t0 = time.time()
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     log.info("trained %s on %d vectors in %.1fs", key, len(sample), time.time() - t0)
     assert index.ntotal == 0
-    return faiss.serialize_index(index).tobytes()
+    return serialize(index)
 
 
 def deserialize(blob: bytes):
@@ -579,6 +566,7 @@ def merge_on_disk(trained: bytes, shard_paths: Sequence[str], ivfdata_path: str,
     sizes_t = np.ascontiguousarray(sizes.astype(np.uint64))
     od.set_all_lists_sizes(faiss.swig_ptr(sizes_t))
     od.totsize = total_bytes
+    od.read_only = True  # mapped PROT_READ: nothing can write through to a file a published version hard-links
     od.do_mmap()
     ivf.replace_invlists(od, True)
     od.this.disown()
@@ -656,20 +644,10 @@ def rows_per_shard_for_budget(budget_bytes: int, workers: int, dim: int, key: st
     return rows
 
 
-def train_sample_size(key: str, n: int) -> int:
-    """A training sample large enough for the key: 64 points per IVF list (FAISS warns below 39), at least the
-    256 x 64 PQ/SQ training needs, capped by the data."""
-    import re
-
-    m = re.search(r"IVF(\d+)", key)
-    nlist = int(m.group(1)) if m else 1
-    return int(min(n, max(64 * nlist, 256 * 64, 10_000)))
-
-
 def build_sharded(embeddings: str | Sequence[str], key: str, work_dir: str, runner: str = "FnApiRunner",
                   beam_args: Sequence[str] = (), rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-                  on_disk_dir: str | None = None, trained: bytes | None = None, metric: str = "ip",
-                  train_size: int | None = None, seed: int = 0, faiss_threads: int = 0) -> ShardedBuild:
+                  on_disk_dir: str | None = None, trained: bytes | None = None, train_size: int | None = None,
+                  seed: int = 0, faiss_threads: int = 0) -> ShardedBuild:
     """Plan -> train (driver) -> add shards (Beam, ``runner``) -> merge (in RAM, or on disk under ``on_disk_dir``).
 
     ``trained``: serialised trained empty index to use instead of training (what the tests use to compare with the
@@ -684,9 +662,12 @@ def build_sharded(embeddings: str | Sequence[str], key: str, work_dir: str, runn
         if not shardable(key):
             raise UserError(f"index key {key!r} cannot be built sharded: only IVF families shard; "
                             f"drop --runner to use the single-process build")
-        n_train = train_size or train_sample_size(key, plan.num_rows)
+        from index.build import BuildConfig, _train_size
+
+        config = BuildConfig(seed=seed)
+        n_train = train_size or _train_size(key, plan.num_rows, config)
         sample = sample_vectors(plan, n_train, seed)
-        trained = train_empty_index(sample, key, metric)
+        trained = train_empty_index(sample, key, config)
         del sample
         report["train"] = {"n": n_train, "seed": seed, "seconds": round(time.time() - t0, 3)}
     else:

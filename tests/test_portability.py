@@ -13,8 +13,11 @@ Runners (issue 7; measured on this machine, Beam 2.77):
 Not here: SparkRunner/FlinkRunner (job-server jars come from Maven, unreachable), PrismRunner (binary download),
 DOCKER environments (no daemon). DaskRunner loses data in Beam 2.77 (see the strict xfail at the end).
 
-Every runner must give the same rows, the same vectors (max abs difference <= 1e-5), the same dead letters, and load
-the model at most once per worker process, counted through Beam metrics (``shopvec/model_loads.process.<host>:<pid>``).
+The embed pipeline and the nightly job (``pipelines/nightly.py``, from an empty state, with ``[nightly] runner`` /
+``beam_args``) must give, on every runner, the same rows, the same vectors (max abs difference <= 1e-5), the same
+dead letters, and load the model at most once per worker process, counted through Beam metrics
+(``shopvec/model_loads.process.<host>:<pid>``, reported as ``counts.model_loads_by_process``). Every DoFn and model
+handler of the embed graph pickles. The sharded index build runs the same matrix in tests/test_index_build_sharded.py.
 """
 from __future__ import annotations
 

@@ -234,6 +234,7 @@ BAD = [
     ("post", "/v1/search", {"json": {"product_id": "P000001", "k": 5000}}, 422, "k_too_large"),
     ("post", "/v1/similar:batch", {"json": {"product_ids": ["P000001"], "k": 1001}}, 422, "k_too_large"),
     ("post", "/v1/similar:batch", {"json": {"product_ids": []}}, 422, "invalid_request"),
+    ("post", "/v1/similar:batch", {"json": {"product_ids": ["P000001"] * 101, "k": 1000}}, 422, "batch_too_large"),
     ("post", "/v1/search", {"json": {"vector": [0.1] * (DIM - 1)}}, 422, "dimension_mismatch"),
     ("post", "/v1/search", {"json": {"vector": [0.0] * DIM}}, 422, "invalid_vector"),
     ("post", "/v1/search", {"content": '{"vector": [NaN' + ", 0.1" * (DIM - 1) + "]}"}, 422, "invalid_request"),
