@@ -146,7 +146,7 @@ def run_stage(stage: str, args: argparse.Namespace, extra: list[str] | None = No
 
 # ------------------------------------------------------------------------------------------------ the data
 def data_dir(args) -> Path:
-    return Path(args.workdir) / f"data-n{args.n}-d{args.dim}-c{args.clusters}-s{args.seed}"
+    return Path(args.workdir) / f"data-n{args.n}-d{args.dim}-c{args.clusters}-sp{args.spread:g}-s{args.seed}"
 
 
 def stage_data(args) -> dict:
@@ -350,7 +350,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--clusters", type=int, default=2000)
-    ap.add_argument("--spread", type=float, default=0.9, help="noise norm around a centre (0.9: clusters overlap)")
+    ap.add_argument("--spread", type=float, default=1.5,
+                    help="norm of the noise around a centre (unit norm); larger = clusters overlap more, harder")
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--row-group", type=int, default=4096, help="rows per Parquet row group (the embed output's)")
     ap.add_argument("--queries", type=int, default=1000)

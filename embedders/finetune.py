@@ -118,7 +118,8 @@ class FinetuneConfig:
     center: bool = True           # subtract the training mean of each tower's features before the heads
     private: bool = True          # keep each tower's own (centred) view beside the aligned block
     block_scales: str = "auto"    # "auto" (chosen on validation) or "alpha,beta_image,beta_text"
-    flip_views: bool = True       # heads/lit: also cache features of the mirrored image (a second view per product)
+    block_scale_grid: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # betas tried when "auto"
+    flip_views: bool = False      # heads/lit: also cache features of the mirrored training images (a second view)
     patience: int = 8             # epochs without a better validation score before stopping
     min_epochs: int = 3
     seed: int = 0
@@ -136,7 +137,7 @@ class FinetuneConfig:
         unknown = set(d) - known
         if unknown:
             raise UserError(f"[finetune] unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
-        tuples = ("split", "cca_reg_image", "cca_reg_text", "cca_power")
+        tuples = ("split", "cca_reg_image", "cca_reg_text", "cca_power", "block_scale_grid")
         c = cls(**{k: (tuple(v) if k in tuples and isinstance(v, (list, tuple)) else
                        (v,) if k in tuples[1:] else v) for k, v in d.items()})
         c.validate()
@@ -147,7 +148,7 @@ class FinetuneConfig:
             raise UserError(f"[finetune] mode = {self.mode!r}; expected one of {MODES}")
         if self.init not in ("cca", "random"):
             raise UserError(f"[finetune] init = {self.init!r}; expected 'cca' or 'random'")
-        for name in ("cca_reg_image", "cca_reg_text", "cca_power"):
+        for name in ("cca_reg_image", "cca_reg_text", "cca_power", "block_scale_grid"):
             v = getattr(self, name)
             if not v or any(not isinstance(x, (int, float)) or x < 0 for x in v):
                 raise UserError(f"[finetune] {name} = {v!r}; expected a non-empty list of numbers >= 0")
@@ -169,7 +170,7 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("split", "cca_reg_image", "cca_reg_text", "cca_power"):
+        for k in ("split", "cca_reg_image", "cca_reg_text", "cca_power", "block_scale_grid"):
             d[k] = list(getattr(self, k))
         return d
 
@@ -189,9 +190,6 @@ def parse_block_scales(s: str) -> tuple[float, float, float]:
     if not a > 0 or bi < 0 or bt < 0:
         raise UserError(f"[finetune] block_scales = {s!r}: alpha must be > 0, betas >= 0")
     return a, bi, bt
-
-
-BLOCK_SCALE_GRID = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
 def data_hash(items: Sequence[CatalogItem]) -> str:
@@ -239,19 +237,29 @@ def _autocast(device: str, precision: str):
     return contextlib.nullcontext()
 
 
-def prepare_images(encoder, items: Sequence[CatalogItem]) -> list[Any]:
-    """Decode + preprocess every image once (``None`` where missing or undecodable, with a logged reason)."""
-    out: list[Any] = []
+def prepare_images(encoder, items: Sequence[CatalogItem], workers: int | None = None) -> list[Any]:
+    """Decode + preprocess every image once, in threads (``None`` where missing or undecodable, reason logged)."""
+    import concurrent.futures as cf
+
     bad: dict[str, int] = {}
-    for it in items:
+
+    def one(it: CatalogItem):
         if it.image is None:
-            out.append(None)
-            continue
+            return None
         try:
-            out.append(encoder.prepare_image(bytes(it.image)))
+            return encoder.prepare_image(bytes(it.image))
         except RecordError as e:
-            bad[e.error] = bad.get(e.error, 0) + 1
+            return e
+
+    with cf.ThreadPoolExecutor(max_workers=workers or max(1, min(8, os.cpu_count() or 1))) as ex:
+        results = list(ex.map(one, items))
+    out: list[Any] = []
+    for r in results:
+        if isinstance(r, RecordError):
+            bad[r.error] = bad.get(r.error, 0) + 1
             out.append(None)
+        else:
+            out.append(r)
     if bad:
         log.warning("images not usable (product kept with its other modalities): %s", bad)
     return out
@@ -284,8 +292,12 @@ def encode_token_rows(model, tokens: Sequence[Any], dim: int, batch_size: int, d
                       what: str = "texts") -> np.ndarray:
     import torch
 
+    import torch as _torch
+
     out = np.zeros((len(tokens), dim), np.float32)
     rows = [i for i, t in enumerate(tokens) if t is not None]
+    # similar lengths batched together: the model drops the all-padding tail of a batch (offline towers)
+    rows.sort(key=lambda i: -int((tokens[i] != 0).sum()) if isinstance(tokens[i], _torch.Tensor) else 0)
     t0 = last = time.time()
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
@@ -930,8 +942,8 @@ class Trainer:
         key = f"precision@{cfg.k}"
         tried = []
         best = None
-        for bi in BLOCK_SCALE_GRID:
-            for bt in BLOCK_SCALE_GRID:
+        for bi in cfg.block_scale_grid:
+            for bt in cfg.block_scale_grid:
                 heads.block_scales.copy_(torch.tensor([1.0, bi, bt]))
                 m = self.evaluate(self.vectors(heads, feats), "val", what="fused")
                 fused = ((m or {}).get("item_to_item") or {}).get("fused") or {}

@@ -2,7 +2,7 @@
 
 * **Choice** (:func:`choose_index_key`): ``auto`` picks by size, dimension and memory budget and says why: exact
   ``Flat`` for small catalogs, ``IVF<nlist>,Flat`` for medium/large ones that fit the budget, and
-  ``OPQ<m>,IVF<nlist>,PQ<m>,RFlat`` (compressed codes + exact re-ranking against memory-mapped full vectors) when they
+  ``IVF<nlist>,PQ<m>,RFlat`` (compressed codes + exact re-ranking against memory-mapped full vectors) when they
   do not. Any FAISS factory string is accepted as an override.
 * **Train / add** (:func:`train_and_add`): training on a random sample, adding in batches with progress and
   throughput logs, on the GPU when FAISS sees one (CPU otherwise).
@@ -181,14 +181,16 @@ def choose_index_key(n: int, dim: int, max_memory: int | None = None) -> tuple[s
     for m in (128, 96, 64, 48, 32, 24, 16, 8, 4):
         if dim % m or m > dim:
             continue
-        key = f"OPQ{m},IVF{nlist},PQ{m},RFlat"
-        resident = estimate_memory(f"OPQ{m},IVF{nlist},PQ{m}", n, dim)
+        key = f"IVF{nlist},PQ{m},RFlat"
+        resident = estimate_memory(f"IVF{nlist},PQ{m}", n, dim)
         if resident <= budget:
             return key, (f"full-precision vectors ({_fmt_bytes(flat_bytes)}) exceed the memory budget "
-                         f"({_fmt_bytes(budget)} usable): OPQ-rotated {m}-byte PQ codes in nlist={nlist} inverted "
-                         f"lists ({_fmt_bytes(resident)} resident) with exact re-ranking (RFlat, k_factor tuned) "
-                         f"against the full vectors, which stay on disk when the index is memory-mapped "
-                         f"(`--mmap` / ProductIndex.load(mmap=True))")
+                         f"({_fmt_bytes(budget)} usable): {m}-byte PQ codes in nlist={nlist} inverted lists "
+                         f"({_fmt_bytes(resident)} resident) with exact re-ranking (RFlat, k_factor tuned) against "
+                         f"the full vectors, which stay on disk when the index is memory-mapped (`--mmap` / "
+                         f"ProductIndex.load(mmap=True)); no OPQ rotation by default, its training is slow on few "
+                         f"cores and re-ranking recovers most of its gain (pass OPQ{m},IVF{nlist},PQ{m},RFlat to "
+                         f"use it)")
     raise UserError(f"--max-memory {_fmt_bytes(max_memory or 0)}: too small for {n:,} vectors of dim {dim} even as "
                     f"4-byte PQ codes; raise --max-memory")
 
@@ -230,6 +232,10 @@ def create_index(key: str, dim: int, n: int, config: BuildConfig | None = None):
             ix.cp.niter = int(config.kmeans_iters)
         if isinstance(ix, faiss.IndexHNSW):
             ix.hnsw.efConstruction = int(config.hnsw_ef_construction)
+        if isinstance(ix, (faiss.IndexIVFPQ, faiss.IndexPQ)):
+            # The factory turns on polysemous training (code re-ordering for Hamming pre-filtering, which we never
+            # use): minutes of simulated annealing per PQ for nothing.
+            ix.do_polysemous_training = False
         if isinstance(ix, faiss.IndexPreTransform):
             for i in range(ix.chain.size()):
                 vt = faiss.downcast_VectorTransform(ix.chain.at(i))
@@ -769,7 +775,7 @@ def _publish_check(result: BuildResult, vectors: np.ndarray, config: BuildConfig
 def make_manifest(result: BuildResult, emb: Embeddings, config: BuildConfig, mmap: bool) -> dict[str, Any]:
     prov = dict(emb.provenance or {})
     random_init = prov.get("random_init")
-    compressed_auto = config.index_key.strip().lower() == "auto" and result.index_key.startswith("OPQ")
+    compressed_auto = config.index_key.strip().lower() == "auto" and result.index_key.endswith(",RFlat")
     serving_mmap = bool(mmap or compressed_auto)
     return {
         "format": _store.FORMAT,

@@ -223,8 +223,8 @@ class RankingResult:
         out = {f"precision@{k}": _r(self.precision.mean())}
         if self.ndcg is not None:
             out[f"ndcg@{k}"] = _r(self.ndcg.mean())
-        if self.ap is not None:
-            out["map"] = _r(self.ap.mean())
+        if self.recall is None:  # item-to-item: mAP is part of the shape even when it was not computed
+            out["map"] = _r(self.ap.mean()) if self.ap is not None else None
         if self.recall is not None:
             out[f"recall@{k}"] = _r(self.recall.mean())
         return out

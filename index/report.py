@@ -78,8 +78,8 @@ TEMPLATE = r"""<!doctype html>
 {% for q in samples %}<div class="q">
  <div class="qimg">{% if q.thumb %}<img src="{{ q.thumb }}" alt="query">{% else %}<div class="ph" style="width:140px;height:140px;border:3px solid #2b6cb0">no image</div>{% endif %}
   <div class="cap" title="{{ q.title }}">{{ q.short }}</div><div class="lab">{{ q.label }}</div><div class="lab">{{ q.id }}</div></div>
- <div>{% for block in q.blocks %}<div class="row-title">{{ block.name }} · {{ block.hits }}/{{ block.items|length }} same label</div>
-  <div class="nbrs">{% for n in block.items %}<div class="nb {{ 'ok' if n.same else 'ko' }}" title="{{ n.title }} — {{ n.label }} ({{ n.score }})">
+ <div>{% for block in q.blocks %}<div class="row-title">{{ block.name }} · {{ block.hits }}/{{ block.nbrs|length }} same label</div>
+  <div class="nbrs">{% for n in block.nbrs %}<div class="nb {{ 'ok' if n.same else 'ko' }}" title="{{ n.title }} — {{ n.label }}">
    {% if n.thumb %}<img src="{{ n.thumb }}" alt="neighbour">{% else %}<div class="ph">no image</div>{% endif %}
    <div class="cap"><span class="mark">{{ '✓' if n.same else '✗' }}</span> {{ n.short }}</div><div class="lab">{{ n.label }}</div></div>{% endfor %}</div>{% endfor %}
  </div></div>
@@ -296,7 +296,7 @@ def render_report(ev, products: str | None = None, embeddings: str | None = None
         blocks = []
         nb = [int(x) for x in main.neighbours[pos_in_main[r]] if x >= 0]
         items = [item(x, r) for x in nb]
-        blocks.append({"name": f"similar products ({'fused' if 'fused' in ev.item else 'text'})", "items": items,
+        blocks.append({"name": f"similar products ({'fused' if 'fused' in ev.item else 'text'})", "nbrs": items,
                        "hits": sum(i["same"] for i in items)})
         if r in pos_in_cross:
             nb2 = [int(x) for x in ev.cross.neighbours[pos_in_cross[r]] if x >= 0]
@@ -304,7 +304,7 @@ def render_report(ev, products: str | None = None, embeddings: str | None = None
             for it in items2:
                 if it["id"] == vs.ids[r]:
                     it["short"] = "◎ its own image · " + it["short"]
-            blocks.append({"name": "text → image (title + description against images)", "items": items2,
+            blocks.append({"name": "text → image (title + description against images)", "nbrs": items2,
                            "hits": sum(i["same"] for i in items2)})
         cards.append({"id": vs.ids[r], "thumb": thumbs.get(vs.ids[r]), "title": titles[r] or vs.ids[r],
                       "short": _short(titles[r] or vs.ids[r], 60), "label": lab(r), "blocks": blocks})

@@ -966,6 +966,8 @@ def build_and_publish_sharded(embeddings: str, out: str, config=None, *, runner:
         if any("://" in f and not f.startswith("file://") for f in files):
             emb._source_hash = _remote_files_hash(files)  # files_hash() stats local paths
         manifest = make_manifest(result, emb, config, mmap or on_disk)
+        if "://" in embeddings and not embeddings.startswith("file://"):
+            manifest["embeddings"]["source"] = embeddings  # make_manifest abspath()s local sources
         apply_search_params(result.index, result.search_params)
         if on_disk and not getattr(_store, "ONDISK_FILE", None):
             raise UserError("publishing on-disk inverted lists needs index.store support for 'index.ivfdata' "

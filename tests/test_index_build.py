@@ -100,10 +100,10 @@ def test_auto_choice_by_size_dimension_and_memory():
     assert key == f"IVF{nlist_for(1_000_000)},Flat" and "nlist=2048" in reason
     assert nlist_for(1_000_000) == 2048 and nlist_for(100_000) == 512
     key, reason = choose_index_key(1_000_000, 512, 1 * GiB)
-    assert key == "OPQ128,IVF2048,PQ128,RFlat" and "exceed the memory budget" in reason and "mmap" in reason
-    assert estimate_memory("OPQ128,IVF2048,PQ128", 1_000_000, 512) <= 0.8 * GiB
+    assert key == "IVF2048,PQ128,RFlat" and "exceed the memory budget" in reason and "mmap" in reason
+    assert estimate_memory("IVF2048,PQ128", 1_000_000, 512) <= 0.8 * GiB
     key, _ = choose_index_key(1_000_000, 512, 100 * (1 << 20))
-    assert key.startswith("OPQ") and key.endswith("RFlat") and int(key.split(",")[0][3:]) < 128
+    assert key.startswith("IVF2048,PQ") and key.endswith(",RFlat") and int(key.split(",")[1][2:]) < 128
     with pytest.raises(UserError, match="too small"):
         choose_index_key(10_000_000, 512, 1 << 20)
     assert choose_index_key(3000, 32)[0] == "Flat"  # default budget: available RAM

@@ -232,3 +232,22 @@ def test_shared_real_catalog_end_to_end(tmp_path, capsys):
     res = json.loads(stdout)
     assert rc == 0 and len(res) == 10
     assert all(r["category_l1"] == "Watches" and r["retail_price"] >= 500 for r in res)
+
+
+def test_auto_compressed_under_a_small_memory_budget_is_served_mmapped(synth, tmp_path, capsys, monkeypatch):
+    out, _ = synth
+    root = tmp_path / "IX"
+    rc, stdout, err = run(capsys, "index", "--embeddings", out, "--out", root, "--max-memory", "50KB",
+                          "--recall-target", "0.9", "--tuning-queries", "100")
+    assert rc == 0, err
+    m = store.read_manifest(root / "versions" / store.read_current(root))
+    assert m["index_key"] == "IVF16,PQ16,RFlat" and "exceed the memory budget" in m["choice_reason"]
+    assert m["serving"]["mmap"] is True and m["search_params"]["k_factor"] >= 1
+    assert m["measured"]["recall_at_k"] >= 0.9
+    import index.search as search_mod
+    seen = []
+    real_load = search_mod.ProductIndex.load.__func__
+    monkeypatch.setattr(search_mod.ProductIndex, "load",
+                        classmethod(lambda cls, *a, **kw: seen.append(kw["mmap"]) or real_load(cls, *a, **kw)))
+    rc, stdout, _ = run(capsys, "query", "--index", root, "--product-id", "P00002", "--json")
+    assert rc == 0 and len(json.loads(stdout)) == 10 and seen == [True]   # mmap by default, as recorded
