@@ -112,7 +112,7 @@ class FinetuneConfig:
     init: str = "cca"             # cca: linear heads start from regularised CCA of the training pairs | random
     cca_reg_image: tuple[float, ...] = (3.0, 10.0, 30.0)  # ridge on the image covariance, x its mean eigenvalue
     cca_reg_text: tuple[float, ...] = (1.0, 3.0, 10.0)
-    cca_power: tuple[float, ...] = (0.0, 0.5)            # canonical directions scaled by correlation ** power
+    cca_power: tuple[float, ...] = (0.5,)  # canonical directions weighted by correlation ** power (Gong et al. 2014)
     temperature: float = 0.05     # initial; learned unless learn_temperature = false
     learn_temperature: bool = True
     center: bool = True           # subtract the training mean of each tower's features before the heads
@@ -402,6 +402,8 @@ class CCA:
         self.cxy = X.T @ Y / n
         self.wx, self.vx = np.linalg.eigh(X.T @ X / n)
         self.wy, self.vy = np.linalg.eigh(Y.T @ Y / n)
+        self._isqrts: dict[tuple[str, float], np.ndarray] = {}
+        self._svds: dict[tuple[float, float], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @staticmethod
     def _isqrt(w: np.ndarray, v: np.ndarray, reg: float) -> np.ndarray:
@@ -409,10 +411,20 @@ class CCA:
         shift = reg * max(float(w.mean()), 1e-12)
         return (v * (w + shift) ** -0.5) @ v.T
 
+    def _cached_isqrt(self, side: str, reg: float) -> np.ndarray:
+        key = (side, float(reg))
+        if key not in self._isqrts:
+            w, v = (self.wx, self.vx) if side == "x" else (self.wy, self.vy)
+            self._isqrts[key] = self._isqrt(w, v, reg)
+        return self._isqrts[key]
+
     def solve(self, reg_x: float, reg_y: float, dim: int, power: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ix = self._isqrt(self.wx, self.vx, reg_x)
-        iy = self._isqrt(self.wy, self.vy, reg_y)
-        u, s, vt = np.linalg.svd(ix @ self.cxy @ iy, full_matrices=False)
+        ix = self._cached_isqrt("x", reg_x)
+        iy = self._cached_isqrt("y", reg_y)
+        key = (float(reg_x), float(reg_y))
+        if key not in self._svds:
+            self._svds[key] = np.linalg.svd(ix @ self.cxy @ iy, full_matrices=False)
+        u, s, vt = self._svds[key]
         d = min(dim, len(s))
         scale = np.maximum(s[:d], 0.0) ** power
         return (ix @ u[:, :d]) * scale, (iy @ vt.T[:, :d]) * scale, s[:d]
@@ -581,6 +593,24 @@ class Trainer:
 
     def _val_score(self, vectors: Mapping[str, np.ndarray]) -> dict[str, float]:
         return cross_modal_scores(vectors["text"], vectors["image"], self.rows["val"], self.cfg.k)
+
+    def _val_score_heads(self, heads, feats: FeatureSet) -> dict[str, float]:
+        """Validation text->image figures from the aligned block alone (the private blocks never change the
+        cross-modal ranking), computed for the validation texts and every image only."""
+        import torch
+
+        heads.eval()
+        img = np.zeros((feats.n, heads.aligned_dim), np.float32)
+        txt = np.zeros((feats.n, heads.aligned_dim), np.float32)
+        have = np.linalg.norm(feats.image, axis=1) > 0
+        q = self.rows["val"]
+        q = q[np.linalg.norm(feats.text[q], axis=1) > 0]
+        with torch.inference_mode():
+            if have.any():
+                img[have] = heads.project(torch.from_numpy(feats.image[have]).to(self.device), "image").float().cpu().numpy()
+            if len(q):
+                txt[q] = heads.project(torch.from_numpy(feats.text[q]).to(self.device), "text").float().cpu().numpy()
+        return cross_modal_scores(txt, img, self.rows["val"], self.cfg.k)
 
     # ---- state -----------------------------------------------------------------------------------------------------
     def _state_dir(self) -> str:
@@ -821,7 +851,7 @@ class Trainer:
                 for pw in cfg.cca_power:
                     wx, wy, corr = cca.solve(rx, ry, cfg.dim, pw)
                     self._set_linear_heads(heads, wx, wy)
-                    sc = self._val_score(self.vectors(heads, feats))
+                    sc = self._val_score_heads(heads, feats)
                     tried.append({"reg_image": rx, "reg_text": ry, "power": pw,
                                   f"val_recall@{cfg.k}": round(sc["recall"], 5), "val_mrr": round(sc["mrr"], 5)})
                     key = (sc["recall"], sc["mrr"])
@@ -942,10 +972,12 @@ class Trainer:
         key = f"precision@{cfg.k}"
         tried = []
         best = None
+        fast = self._block_parts(heads, feats) if not any(r is not None for r in feats.reviews) else None
         for bi in cfg.block_scale_grid:
             for bt in cfg.block_scale_grid:
                 heads.block_scales.copy_(torch.tensor([1.0, bi, bt]))
-                m = self.evaluate(self.vectors(heads, feats), "val", what="fused")
+                vecs = self._scaled_vectors(fast, bi, bt) if fast is not None else self.vectors(heads, feats)
+                m = self.evaluate(vecs, "val", what="fused")
                 fused = ((m or {}).get("item_to_item") or {}).get("fused") or {}
                 p = fused.get(key)
                 tried.append({"beta_image": bi, "beta_text": bt, key: p})
@@ -958,6 +990,14 @@ class Trainer:
         log.info("block scales (alpha, beta_image, beta_text) = (1, %s, %s): validation fused %s %.4f", best[1],
                  best[2], key, best[0])
         return {"chosen": [1.0, best[1], best[2]], "validation_" + key: best[0], "tried": tried}
+
+    def _block_parts(self, heads, feats: FeatureSet) -> dict[str, Any]:
+        return block_parts(heads, feats, self.device)
+
+    @staticmethod
+    def _scaled_vectors(parts: Mapping[str, Any], beta_image: float, beta_text: float) -> dict[str, np.ndarray]:
+        return scaled_vectors(parts, beta_image, beta_text)
+
 
     # ---- output ------------------------------------------------------------------------------------------------
     def _write_checkpoint(self, heads, metrics: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
@@ -1009,6 +1049,42 @@ class Trainer:
             json.dump(manifest, f, indent=2, sort_keys=True, default=_json_default)
         log.info("wrote %s (load it as [model] name = \"local-dir:%s\")", self.out_dir, os.path.abspath(self.out_dir))
         return manifest
+
+
+def block_parts(heads, feats: FeatureSet, device: str = "cpu") -> dict[str, Any]:
+    """The unit aligned and private blocks of every product, computed once for the block-scale search."""
+    import torch
+
+    heads.eval()
+    parts = {}
+    with torch.inference_mode():
+        for which, mat in (("image", feats.image), ("text", feats.text)):
+            have = np.linalg.norm(mat, axis=1) > 0
+            a = np.zeros((len(mat), heads.aligned_dim), np.float32)
+            p = np.zeros((len(mat), mat.shape[1]), np.float32)
+            if have.any():
+                x = torch.from_numpy(mat[have]).to(device)
+                a[have] = heads.project(x, which).float().cpu().numpy()
+                mean = heads.image_mean if which == "image" else heads.text_mean
+                p[have] = l2n_np((torch.nn.functional.normalize(x.float(), dim=-1) - mean).cpu().numpy())
+            parts[which] = (a, p, have)
+    return parts
+
+
+def scaled_vectors(parts: Mapping[str, Any], beta_image: float, beta_text: float) -> dict[str, np.ndarray]:
+    """``[a | beta p | 0]`` layouts (alpha = 1) as ``AlignmentHeads.embed`` builds them, L2-normalised."""
+    ai, pi, hi = parts["image"]
+    at, pt, ht = parts["text"]
+    img = np.concatenate([ai, beta_image * pi, np.zeros((len(ai), pt.shape[1]), np.float32)], axis=1)
+    txt = np.concatenate([at, np.zeros((len(at), pi.shape[1]), np.float32), beta_text * pt], axis=1)
+    img[~hi] = 0
+    txt[~ht] = 0
+    return {"image": l2n_np(img), "text": l2n_np(txt)}
+
+
+def l2n_np(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.where(n > 0, x / np.where(n > 0, n, 1.0), 0.0).astype(np.float32)
 
 
 def _contiguous(sd: Mapping[str, Any]) -> dict[str, Any]:

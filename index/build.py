@@ -492,7 +492,8 @@ def _grid(name: str, knobs: dict[str, int], k: int) -> list[int]:
     return g
 
 
-def _min_reaching(grid: list[int], evaluate: Callable[[int], float], goal: float) -> tuple[int | None, dict[int, float]]:
+def _min_reaching(grid: list[int], evaluate: Callable[[int], float],
+                  goal: float) -> tuple[int | None, dict[int, float]]:
     """Smallest grid value whose recall reaches ``goal`` (recall assumed non-decreasing): doubling, then bisection."""
     seen: dict[int, float] = {}
 

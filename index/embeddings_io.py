@@ -23,7 +23,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -114,7 +114,8 @@ def resolve_embedding_files(path: str | os.PathLike) -> tuple[list[Path], Path |
             files = [p]
         else:
             raise UserError(f"--embeddings {text}: no such file, directory or matching glob; pass the embed "
-                            f"output directory (OUT with OUT/embeddings/*.parquet), a directory or a glob of Parquet files")
+                            f"output directory (OUT with OUT/embeddings/*.parquet), a directory or a glob of "
+                            f"Parquet files")
     files = [f for f in files if not f.name.startswith((".", "_"))]
     if report is not None and not report.is_file():
         report = None
@@ -143,7 +144,8 @@ def _schema_provenance(path: Path, schema: pa.Schema) -> dict[str, Any]:
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{path}: Parquet schema metadata 'shopvec' is not valid JSON; re-run `shopvec embed`") from None
+        raise UserError(f"{path}: Parquet schema metadata 'shopvec' is not valid JSON; "
+                        f"re-run `shopvec embed`") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: Parquet schema metadata 'shopvec' must be a JSON object")
     return obj
@@ -256,7 +258,8 @@ def read_embeddings(path: str | os.PathLike, *, normalize_tolerance: float = NOR
             raise UserError(f"{f}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
         schema = pf.schema_arrow
         if schema.get_field_index(ID_COLUMN) < 0:
-            raise UserError(f"{f}: missing column '{ID_COLUMN}' (expected the embeddings schema: product_id, vector, ...)")
+            raise UserError(f"{f}: missing column '{ID_COLUMN}' (expected the embeddings schema: product_id, "
+                            f"vector, ...)")
         id_type = schema.field(ID_COLUMN).type
         if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
             raise UserError(f"{f}: field '{ID_COLUMN}' has type {id_type}, expected string")
@@ -471,7 +474,3 @@ def write_embeddings(path: str | os.PathLike, ids: Sequence[str], vectors: np.nd
     os.replace(tmp, p)
     return p
 
-
-def iter_chunks(n: int, size: int) -> Iterable[tuple[int, int]]:
-    for s in range(0, n, size):
-        yield s, min(n, s + size)

@@ -238,7 +238,8 @@ def _temporal(field: str, typ: pa.DataType, v: Any) -> pa.Scalar:
     try:
         return pa.array([str(v)]).cast(typ)[0]
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        raise FilterError(f"filter on '{field}': {v!r} is not a valid {typ} (use ISO format, e.g. 2024-05-01)") from None
+        raise FilterError(f"filter on '{field}': {v!r} is not a valid {typ} "
+                          f"(use ISO format, e.g. 2024-05-01)") from None
 
 
 def _column(table: pa.Table, field: str) -> pa.ChunkedArray:

@@ -80,7 +80,8 @@ def new_version_name() -> str:
 
 def check_version_name(name: str) -> str:
     if not isinstance(name, str) or not _VERSION_RE.match(name):
-        raise UserError(f"invalid version name {name!r}: use letters, digits, '.', '_' or '-' (see `shopvec index list`)")
+        raise UserError(f"invalid version name {name!r}: use letters, digits, '.', '_' or '-' "
+                        f"(see `shopvec index list`)")
     return name
 
 

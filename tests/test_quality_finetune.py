@@ -319,3 +319,30 @@ def test_tune_fusion_cli_writes_a_snippet(embedded, tmp_path, capsys):
 
     merged = load_config("configs/demo.toml", [f'fusion.mode="{cfg["mode"]}"'])  # the snippet's keys are valid
     assert merged.fusion.mode == cfg["mode"]
+
+
+def test_block_scale_search_layout_equals_the_heads_output():
+    """The fast path of the block-scale search builds exactly what AlignmentHeads.embed outputs."""
+    import torch
+
+    from embedders.finetune import FeatureSet, block_parts, scaled_vectors
+    from embedders.offline import make_heads
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(7, 12)).astype(np.float32)
+    txt = rng.normal(size=(7, 5)).astype(np.float32)
+    img[2] = 0
+    heads = make_heads(image_in=12, text_in=5, dim=4)
+    with torch.no_grad():
+        heads.image_mean.copy_(torch.from_numpy(rng.normal(size=12).astype(np.float32) * 0.1))
+    feats = FeatureSet([str(i) for i in range(7)], [None] * 7, img, txt)
+    parts = block_parts(heads, feats)
+    for bi, bt in ((0.0, 1.0), (1.5, 0.5), (3.0, 3.0)):
+        heads.block_scales.copy_(torch.tensor([1.0, bi, bt]))
+        fast = scaled_vectors(parts, bi, bt)
+        with torch.no_grad():
+            for which, mat in (("image", img), ("text", txt)):
+                have = np.linalg.norm(mat, axis=1) > 0
+                ref = torch.nn.functional.normalize(heads.embed(torch.from_numpy(mat[have]), which), dim=-1).numpy()
+                np.testing.assert_allclose(fast[which][have], ref, atol=1e-6)
+                assert not fast[which][~have].any()
