@@ -49,6 +49,9 @@ IDS_FILE = "ids.parquet"
 METADATA_FILE = "metadata.parquet"
 MANIFEST_FILE = "manifest.json"
 DATA_FILES = (INDEX_FILE, IDS_FILE, METADATA_FILE)
+#: On-disk inverted lists (faiss OnDiskInvertedLists) of an index built with them (pipelines/index_build.py):
+#: kept next to index.faiss under this name, checksummed like the other files, memory-mapped when loaded.
+ONDISK_FILE = "index.ivfdata"
 CURRENT_FILE = "CURRENT"
 HISTORY_FILE = "history.jsonl"
 VERSIONS_DIR = "versions"
@@ -242,8 +245,42 @@ def verify_files(vdir: str | os.PathLike, manifest: dict[str, Any], checksums: b
             raise CorruptIndexError(f"{p}: sha256 mismatch, the file is corrupted; roll back or rebuild")
 
 
+def _ondisk_lists_file(index: Any) -> str | None:
+    """The data file of ``index``'s on-disk inverted lists, or None when its lists live in RAM."""
+    import faiss
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+    il = faiss.downcast_InvertedLists(ivf.invlists)
+    return il.filename if isinstance(il, faiss.OnDiskInvertedLists) else None
+
+
+@contextlib.contextmanager
+def _c_stdout_to_stderr() -> Iterator[None]:
+    """FAISS printf()s while resolving on-disk lists; keep stdout clean for --json output."""
+    import sys
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _read_faiss(path: Path, mmap: bool) -> Any:
     import faiss
+    if (path.parent / ONDISK_FILE).is_file():
+        # lists in index.ivfdata next to index.faiss (always memory-mapped, read-only); the path recorded at build
+        # time is replaced by this directory's (IO_FLAG_ONDISK_SAME_DIR)
+        try:
+            with _c_stdout_to_stderr():
+                return faiss.read_index(os.fspath(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError as e:
+            raise CorruptIndexError(f"{path}: not a readable FAISS index with on-disk lists "
+                                    f"({str(e).splitlines()[-1][:120]})") from None
     if mmap:
         ifc = getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
         for flags in [f for f in (ifc, faiss.IO_FLAG_MMAP) if f]:
@@ -400,13 +437,24 @@ def write_version_dir(vdir: str | os.PathLike, index: Any, ids: Sequence[str] | 
     t0 = time.perf_counter()
     faiss.write_index(index, os.fspath(vdir / INDEX_FILE))
     fsync_file(vdir / INDEX_FILE)
+    ondisk = _ondisk_lists_file(index)
+    if ondisk is not None:
+        if os.path.basename(ondisk) != ONDISK_FILE:
+            raise ValueError(f"on-disk inverted lists must be named {ONDISK_FILE} (got {ondisk}): they are found "
+                             f"next to {INDEX_FILE} by that name")
+        try:
+            os.link(ondisk, vdir / ONDISK_FILE)  # same filesystem: no copy
+        except OSError:
+            shutil.copyfile(ondisk, vdir / ONDISK_FILE)
+        fsync_file(vdir / ONDISK_FILE)
     _write_parquet(pa.table({"product_id": ids_arr}), vdir / IDS_FILE)
     _write_parquet(metadata.replace_schema_metadata(None), vdir / METADATA_FILE)
     manifest = dict(manifest)
     manifest.setdefault("format", FORMAT)
     manifest["n"] = n
     manifest["dim"] = int(index.d)
-    manifest["files"] = {name: _file_entry(vdir / name) for name in DATA_FILES}
+    names = DATA_FILES + ((ONDISK_FILE,) if ondisk is not None else ())
+    manifest["files"] = {name: _file_entry(vdir / name) for name in names}
     atomic_write_text(vdir / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     log.info("wrote %s (%s bytes) in %.1f s", vdir, sum(f["bytes"] for f in manifest["files"].values()),
              time.perf_counter() - t0)

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _NOISE = ("Resource module is not available", "Using yield and return in the process method",
-          "apitools not found")
+          "apitools not found", "No semi_persistent_directory found")
 
 
 def _drop_noise(record: logging.LogRecord) -> bool:

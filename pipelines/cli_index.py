@@ -49,6 +49,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tuning-queries", type=int, default=500, metavar="Q",
                    help="products sampled as tuning queries (and again as the fresh verification sample)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (training sample, tuning queries)")
+    g = p.add_argument_group("sharded build (Apache Beam; pipelines/index_build.py, docs/scale.md)")
+    g.add_argument("--runner", metavar="RUNNER",
+                   help="build sharded as a Beam job on this runner (FnApiRunner, PortableRunner, DataflowRunner, "
+                        "FlinkRunner, SparkRunner); any option the CLI does not know goes to Beam unchanged, e.g. "
+                        "--direct_num_workers=2 --direct_running_mode=multi_processing. Without --runner a catalog "
+                        "above --shard-above vectors, or whose vectors exceed --max-memory, is built sharded on the "
+                        "local multi-process runner")
+    g.add_argument("--shard-above", type=int, default=None, metavar="N",
+                   help="auto-shard above N vectors (default 5,000,000)")
+    g.add_argument("--shard-rows", type=int, default=None, metavar="N",
+                   help="vectors per shard (default: n/8, at most 250,000)")
+    g.add_argument("--on-disk", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge the shards into on-disk inverted lists (index.ivfdata, memory-mapped at query time); "
+                        "default: when the index exceeds the memory budget")
+    g.add_argument("--work-dir", metavar="URI",
+                   help="shards and the trained index (default OUT/.sharded-work/...); a gs://, s3:// or hdfs:// "
+                        "URI on a cluster")
     actions = p.add_subparsers(dest="index_action", metavar="{list,rollback}")
     pl = actions.add_parser("list", help="versions, which is CURRENT, key, n, recall, latency, created_at")
     pl.add_argument("--index", required=True, metavar="INDEXROOT")
@@ -56,7 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr = actions.add_parser("rollback", help="switch CURRENT to an older version")
     pr.add_argument("--index", required=True, metavar="INDEXROOT")
     pr.add_argument("--to", required=True, metavar="VERSION", help="a version name from `index list`, or 'previous'")
-    p.set_defaults(func=run_index)
+    p.set_defaults(func=run_index, accepts_beam_args=True)  # Beam options of a sharded build pass through
+    pl.set_defaults(accepts_beam_args=False)
+    pr.set_defaults(accepts_beam_args=False)
 
     q = subparsers.add_parser("query", help="similar products by product id, text, image or vector",
                               description="Query the CURRENT (or --version) index version.")
@@ -104,7 +123,21 @@ def _run_build(args: argparse.Namespace) -> int:
     config = BuildConfig(index_key=args.index_key, recall_target=args.recall_target, k=args.k,
                          max_memory=parse_memory(args.max_memory), allow_below_target=args.allow_below_target,
                          tuning_queries=args.tuning_queries, fresh_queries=args.tuning_queries, seed=args.seed)
-    version, manifest = build_and_publish(args.embeddings, args.out, config, keep=args.keep, mmap=args.mmap)
+    from pipelines.index_build import build_and_publish_sharded, sharding_decision
+    runner, beam_args, why = sharding_decision(args.embeddings, args.runner, getattr(args, "beam_args", []),
+                                               config.max_memory, args.shard_above)
+    if runner:
+        version, manifest = build_and_publish_sharded(args.embeddings, args.out, config, runner=runner,
+                                                      beam_args=beam_args, rows_per_shard=args.shard_rows,
+                                                      on_disk=args.on_disk, work_dir=args.work_dir, keep=args.keep,
+                                                      mmap=args.mmap)
+        sh = (manifest.get("build") or {}).get("sharded")
+        if sh:
+            print(f"sharded build ({why}): {sh['shards']} shards on {sh['runner']}, {len(sh['workers'])} worker "
+                  f"process(es), add {sh['add_s']:.1f} s, merge {sh['merge_s']:.1f} s"
+                  f"{', inverted lists on disk' if sh['on_disk'] else ''}")
+    else:
+        version, manifest = build_and_publish(args.embeddings, args.out, config, keep=args.keep, mmap=args.mmap)
     m = manifest["measured"]
     params = ",".join(f"{k}={v}" for k, v in sorted(manifest["search_params"].items())) or "-"
     print(f"published {version} -> {os.path.join(args.out, 'CURRENT')}: {manifest['index_key']} n={manifest['n']:,} "
