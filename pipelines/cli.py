@@ -59,7 +59,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     for h in logging.getLogger().handlers:
         h.addFilter(_drop_noise)
     if verbose < 2:
-        for noisy in ("apache_beam", "urllib3", "httpx", "PIL", "timm", "open_clip", "h5py"):
+        for noisy in ("apache_beam", "urllib3", "httpx", "PIL", "timm", "open_clip", "h5py", "faiss.loader"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
