@@ -346,3 +346,20 @@ def test_block_scale_search_layout_equals_the_heads_output():
                 ref = torch.nn.functional.normalize(heads.embed(torch.from_numpy(mat[have]), which), dim=-1).numpy()
                 np.testing.assert_allclose(fast[which][have], ref, atol=1e-6)
                 assert not fast[which][~have].any()
+
+
+@pytest.mark.parametrize("mode", ["lit", "full"])
+def test_tower_modes_train_and_round_trip(mode, tmp_path):
+    """lit (text tower trains) and full (both towers) save tower weights that load back to the same vectors."""
+    from embedders.encoder import Encoder
+    from embedders.models import ModelSpec, load_model
+
+    items = synthetic_items(24)
+    res = finetune(ModelSpec(name="shopvec-tiny"), items, small_cfg(mode=mode, epochs=1, split=(0.6, 0.2, 0.2),
+                                                                   batch_size=8, tower_lr=1e-4),
+                   str(tmp_path / mode), fusion=FUSION)
+    assert (tmp_path / mode / "tower.safetensors").is_file()
+    enc = Encoder(load_model(ModelSpec(name=f"local-dir:{tmp_path / mode}")))
+    np.testing.assert_allclose(enc.encode_texts([it.text for it in items[:4]]), res.vectors["text"][:4], atol=2e-5)
+    np.testing.assert_allclose(enc.encode_images([it.image for it in items[:4]]), res.vectors["image"][:4],
+                               atol=2e-5)
