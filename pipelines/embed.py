@@ -475,8 +475,15 @@ def _finalize_shards(paths: list[str], final_dir: str, tmp_dir: str, schema: pa.
     else:
         out = [FileSystems.join(final_dir, f"part-{i:05d}-of-{len(paths):05d}.parquet") for i in range(len(paths))]
         FileSystems.rename(paths, out)
-    if FileSystems.exists(tmp_dir):
+    # Temp files of bundle attempts that were retried (never committed) are removed; on an object store the "folder"
+    # itself may not exist once empty.
+    leftovers = [m.path for m in FileSystems.match([FileSystems.join(tmp_dir, "*")])[0].metadata_list]
+    if leftovers:
+        FileSystems.delete(leftovers)
+    try:
         FileSystems.delete([tmp_dir])
+    except Exception:  # noqa: BLE001 - nothing left to delete
+        pass
     return out
 
 
@@ -628,9 +635,28 @@ def provenance_for(cfg: Config, dims: dict[str, int], runner: str, aligned: bool
             "code_version": code_version(), "created_at": utc_now(), "runner": runner}
 
 
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _read_parquet_dir(folder: str, columns: list[str]) -> pa.Table:
+    """All ``*.parquet`` under ``folder`` (local, or any Beam FileSystems URI such as gs://)."""
+    if not _is_remote(folder):
+        return pq.read_table(folder, columns=columns)
+    from apache_beam.io.filesystems import FileSystems
+
+    paths = sorted(m.path for m in FileSystems.match([folder.rstrip("/") + "/*.parquet"])[0].metadata_list)
+    tables = []
+    for p in paths:
+        with FileSystems.open(p) as fh:
+            tables.append(pq.read_table(pa.BufferReader(fh.read()), columns=columns))
+    return pa.concat_tables(tables)
+
+
 def summarize_outputs(staging: str) -> dict[str, Any]:
-    emb = pq.read_table(os.path.join(staging, "embeddings"), columns=["product_id", "modalities"])
-    dl = pq.read_table(os.path.join(staging, "dead_letters"), columns=["product_id", "stage", "error"])
+    join = (lambda a, b: a.rstrip("/") + "/" + b) if _is_remote(staging) else os.path.join
+    emb = _read_parquet_dir(join(staging, "embeddings"), ["product_id", "modalities"])
+    dl = _read_parquet_dir(join(staging, "dead_letters"), ["product_id", "stage", "error"])
     dead: dict[str, dict[str, int]] = {}
     for stage, err in zip(dl.column("stage").to_pylist(), dl.column("error").to_pylist()):
         dead.setdefault(stage, {}).setdefault(err, 0)
@@ -645,6 +671,32 @@ def summarize_outputs(staging: str) -> dict[str, Any]:
                     if st != "image"}
     return {"embedded": emb.num_rows, "partial": len(image_failed & embedded_ids), "by_modalities": mods,
             "dead_letters": dl.num_rows, "dead_letter_products": len(not_embedded), "dead_by_stage": dead}
+
+
+def _switch_remote(staging: str, out: str, report: dict) -> None:
+    """Object stores have no atomic folder rename: replace the previous parts, then write run_report.json LAST —
+    readers key on it (its ``created_at`` names the run the parts belong to)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    out = out.rstrip("/")
+    old = [m.path for name in ("embeddings", "dead_letters")
+           for m in FileSystems.match([f"{out}/{name}/*"])[0].metadata_list]
+    if FileSystems.exists(f"{out}/run_report.json"):
+        old.append(f"{out}/run_report.json")
+    if old:
+        FileSystems.delete(old)
+    src, dst = [], []
+    for name in ("embeddings", "dead_letters"):
+        for m in FileSystems.match([f"{staging}/{name}/*"])[0].metadata_list:
+            src.append(m.path)
+            dst.append(f"{out}/{name}/{m.path.rsplit('/', 1)[1]}")
+    FileSystems.rename(src, dst)
+    with FileSystems.create(f"{out}/run_report.json") as fh:
+        fh.write(json.dumps(report, indent=2, sort_keys=True, default=str).encode("utf-8"))
+    try:
+        FileSystems.delete([staging])
+    except Exception:  # noqa: BLE001 - an empty staging prefix may not exist as an object
+        pass
 
 
 def _switch_into_place(staging: str, out: str) -> None:
@@ -665,10 +717,8 @@ def run_embed(cfg: Config, products: str, reviews: str | None, out: str, runner:
               beam_args: list[str] | None = None) -> dict[str, Any]:
     """Run the embed pipeline end to end; returns the run report (also written to ``OUT/run_report.json``)."""
     runner = runner or cfg.raw["pipeline"].get("runner", "DirectRunner")
-    if "://" in out and not out.startswith("file://"):
-        raise UserError(f"--out {out}: remote output folders are not supported by the local switch-into-place; "
-                        f"write to a local or mounted path")
     out = out[len("file://"):] if out.startswith("file://") else out
+    remote = _is_remote(out)
     t0 = time.time()
     ptable = inspect_products(products, cfg.product_columns)
     rtable = inspect_reviews(reviews, cfg.review_columns) if reviews else None
@@ -686,8 +736,11 @@ def run_embed(cfg: Config, products: str, reviews: str | None, out: str, runner:
         log.warning("RANDOM-INIT MODEL %s: the vectors of this run are random features (fine for tests and demos, "
                     "meaningless for recommendations); outputs are marked random_init=true", spec.model_id)
     provenance = provenance_for(cfg, dims, runner, aligned)
-    staging = os.path.join(os.path.abspath(out) + ".staging-" + uuid.uuid4().hex[:8])
-    os.makedirs(staging)
+    if remote:  # workers write straight to the object store (e.g. gs://) through Beam FileSystems
+        staging = out.rstrip("/") + ".staging-" + uuid.uuid4().hex[:8]
+    else:
+        staging = os.path.join(os.path.abspath(out) + ".staging-" + uuid.uuid4().hex[:8])
+        os.makedirs(staging)
     log.info("embedding %d product rows from %d file(s)%s with %s on %s -> %s", ptable.num_rows, len(ptable.paths),
              f" and {rtable.num_rows} reviews" if rtable else "", spec.model_id, runner, out)
     try:
@@ -716,11 +769,22 @@ def run_embed(cfg: Config, products: str, reviews: str | None, out: str, runner:
             "throughput_products_per_s": round(ptable.num_rows / wall, 3) if wall > 0 else None,
             "config": cfg.raw, "config_file": cfg.source,
         }
-        with open(os.path.join(staging, "run_report.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, sort_keys=True, default=str)
-        _switch_into_place(staging, out)
+        if remote:
+            _switch_remote(staging, out, report)
+        else:
+            with open(os.path.join(staging, "run_report.json"), "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2, sort_keys=True, default=str)
+            _switch_into_place(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if remote:
+            from apache_beam.io.filesystems import FileSystems
+
+            try:
+                FileSystems.delete([staging])
+            except Exception:  # noqa: BLE001 - nothing staged yet
+                pass
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("embedded %d products (%d partial), %d dead letters in %.1fs (%.1f products/s) -> %s",
              summary["embedded"], summary["partial"], summary["dead_letters"], wall,

@@ -243,7 +243,7 @@ def embedded(trained, tmp_path_factory):
                                             "fusion.weights={image=1.0, text=1.0, reviews=0.5}"])
     out = d / "out"
     report = run_embed(cfg, str(products), None, str(out), runner="DirectRunner")
-    return items, res, str(out), report
+    return items, res, str(out), report, str(products)
 
 
 def test_embed_with_the_checkpoint_reproduces_the_trainer_vectors(embedded):
@@ -251,7 +251,7 @@ def test_embed_with_the_checkpoint_reproduces_the_trainer_vectors(embedded):
 
     from index.evaluate import fuse_rows
 
-    items, res, out, report = embedded
+    items, res, out, report, _ = embedded
     assert report["counts"]["embedded"] == len(items)
     t = pq.read_table(f"{out}/embeddings").to_pydict()
     pos = {pid: i for i, pid in enumerate(res.ids)}
@@ -268,7 +268,7 @@ def test_embed_with_the_checkpoint_reproduces_the_trainer_vectors(embedded):
 def test_eval_cli_json_report_with_thumbnails(embedded, tmp_path, capsys):
     from pipelines.cli import main
 
-    _, res, out, _ = embedded
+    _, res, out, _, _ = embedded
     html = tmp_path / "eval.html"
     assert main(["eval", "--embeddings", out, "--label", "category", "--k", "5", "--report", str(html),
                  "--json", "--samples", "4"]) == 0
@@ -290,10 +290,25 @@ def test_eval_cli_json_report_with_thumbnails(embedded, tmp_path, capsys):
     assert m2["text_to_image"]["recall@5"] == pytest.approx(t2i["recall@5"], abs=1e-6)
 
 
+def test_eval_with_an_index_measures_ann_against_exact(embedded, tmp_path, capsys):
+    from pipelines.cli import main
+
+    _, _, out, _, _ = embedded
+    root = tmp_path / "index"
+    assert main(["index", "--embeddings", out, "--out", str(root), "--index-key", "HNSW8", "-k", "5",
+                 "--allow-below-target"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--embeddings", out, "--label", "category", "--k", "5", "--index", str(root), "--json",
+                 "--no-map"]) == 0
+    ann = json.loads(capsys.readouterr().out)["ann"]
+    assert ann["queries"] == 64 and 0.5 <= ann["recall@5"] <= 1.0
+    assert ann["precision_lost@5"] == pytest.approx(ann["exact_precision@5"] - ann["precision@5"], abs=1e-6)
+
+
 def test_eval_and_tune_fusion_errors_are_one_line(embedded, tmp_path, capsys):
     from pipelines.cli import main
 
-    _, _, out, _ = embedded
+    _, _, out, _, _ = embedded
     assert main(["eval", "--embeddings", out, "--label", "colour"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--label 'colour'" in err[0] and "category" in err[0]
@@ -306,7 +321,7 @@ def test_tune_fusion_cli_writes_a_snippet(embedded, tmp_path, capsys):
 
     from pipelines.cli import main
 
-    _, _, out, _ = embedded
+    _, _, out, _, _ = embedded
     snippet = tmp_path / "fusion.toml"
     assert main(["tune-fusion", "--embeddings", out, "--label", "category", "--k", "5", "--step", "0.25",
                  "--split", "0.5,0.25,0.25", "--out", str(snippet), "--json"]) == 0
@@ -363,3 +378,25 @@ def test_tower_modes_train_and_round_trip(mode, tmp_path):
     np.testing.assert_allclose(enc.encode_texts([it.text for it in items[:4]]), res.vectors["text"][:4], atol=2e-5)
     np.testing.assert_allclose(enc.encode_images([it.image for it in items[:4]]), res.vectors["image"][:4],
                                atol=2e-5)
+
+
+def test_finetune_cli_reads_the_catalog_and_writes_a_checkpoint(embedded, tmp_path, capsys):
+    from pipelines.cli import main
+
+    _, _, _, _, products = embedded
+    out = tmp_path / "ckpt"
+    sets = ["finetune.epochs=2", "finetune.dim=16", "finetune.batch_size=16", "finetune.split=[0.5, 0.25, 0.25]",
+            "finetune.block_scale_grid=[0.0, 1.0]", "finetune.k=5", 'fusion.mode="sum"']
+    args = ["finetune", "--config", "configs/demo.toml", "--products", products, "--out", str(out),
+            "--label", "category", "--json"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["out"] == str(out) and res["metrics"]["after"]["text_to_image"]["recall@5"] is not None
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data"]["label_column"] == "category" and manifest["data"]["products"] == 64
+    assert manifest["hyper_parameters"]["epochs"] == 2
+    assert main(["finetune", "--config", "configs/demo.toml", "--products", products, "--out", str(out),
+                 "--label", "colour"]) == 2
+    assert "--label 'colour'" in capsys.readouterr().err
