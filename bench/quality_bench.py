@@ -27,6 +27,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "flipkart_1050", "products.parquet")
 TARGETS = {"fused_precision": 0.90, "t2i_recall": 0.40, "t2i_precision": 0.85, "finetune_minutes": 10.0}
+ABLATIONS = {  # name -> --set overrides of configs/offline.toml [finetune]
+    "infonce_plain": ["finetune.init=\"random\"", "finetune.private=false", "finetune.lr=1e-3"],
+    "cca_plain": ["finetune.private=false"],
+    "infonce_blocks": ["finetune.init=\"random\"", "finetune.lr=1e-3"],
+}
+ABLATION_TITLES = {
+    "infonce_plain": "random-init linear heads + InfoNCE, plain aligned vectors (the issue's baseline recipe)",
+    "cca_plain": "CCA init + InfoNCE, plain aligned vectors (no own blocks)",
+    "infonce_blocks": "random-init heads + InfoNCE, with own blocks",
+}
 BASELINES = {"heads_infonce_recall": 0.335, "heads_infonce_precision": 0.821, "naive_aligned_fused": 0.868}
 
 
@@ -90,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--reuse", action="store_true", help="reuse embeddings/checkpoint already in --workdir")
     ap.add_argument("--skip-tiny", action="store_true")
+    ap.add_argument("--no-ablations", action="store_true", help="skip the ablation finetunes (plain InfoNCE heads, "
+                                                                  "no own blocks)")
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
     from embedders.offline import INSTALL_HINT, extra_installed
@@ -130,9 +142,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. finetune (default mode: heads), timed
     ckpt = os.path.join(wd, "finetuned")
+    cache = os.path.join(wd, "features.npz")
     if not (args.reuse and os.path.isfile(os.path.join(ckpt, "manifest.json"))):
+        if os.path.exists(cache) and not args.reuse:
+            os.remove(cache)  # the timed run computes its features itself
         w, _ = shopvec(["finetune", "--config", "configs/offline.toml", "--products", args.catalog, "--out", ckpt,
-                        "--label", args.label, "--json"], os.path.join(wd, "finetune.log"), True)
+                        "--label", args.label, "--feature-cache", cache, "--json"], os.path.join(wd, "finetune.log"),
+                       True)
         res["steps"]["finetune_s"] = round(w, 1)
     with open(os.path.join(ckpt, "manifest.json"), encoding="utf-8") as f:
         manifest = json.load(f)
@@ -152,6 +168,21 @@ def main(argv: list[str] | None = None) -> int:
                          True)
     res["tune_fusion_finetuned"] = tune_ft
 
+    # ablations: same features (cached), other recipes; figures from each run's manifest (test split)
+    ablations = {}
+    if not args.no_ablations:
+        for name, sets in ABLATIONS.items():
+            d = os.path.join(wd, f"ablation_{name}")
+            if not (args.reuse and os.path.isfile(os.path.join(d, "manifest.json"))):
+                cmd = ["finetune", "--config", "configs/offline.toml", "--products", args.catalog, "--out", d,
+                       "--label", args.label, "--feature-cache", cache, "--json"]
+                for kv in sets:
+                    cmd += ["--set", kv]
+                shopvec(cmd, os.path.join(wd, f"ablation_{name}.log"), True)
+            with open(os.path.join(d, "manifest.json"), encoding="utf-8") as f:
+                ablations[name] = json.load(f)["metrics"]["after"]
+    res["ablations"] = ablations
+
     # ---- table ----------------------------------------------------------------------------------------------
     tiny = figures(res.get("tiny"), k)
     base = figures(res["offline"], k)
@@ -165,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.append((f"shopvec-offline, concat {fmtw(res['offline'])} (configs/offline.toml)", base))
     rows.append((f"shopvec-offline + finetune, heads at init (before training)", before))
     rows.append((f"shopvec-offline + finetune (heads), embedded by `shopvec embed`", after))
+    for name, m in ablations.items():
+        rows.append((f"ablation: {ABLATION_TITLES[name]}", figures(m, k)))
     q = res["offline"]["meta"]["queries"]
     lines = [f"Queries: {q} test products (seeded 70/10/20 split by product id), neighbours searched in all "
              f"{res['offline']['meta']['products']} products; label {args.label}; k = {k}; "

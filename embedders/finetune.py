@@ -436,7 +436,7 @@ class Trainer:
     def __init__(self, base_spec, items: Sequence[CatalogItem], cfg: FinetuneConfig, out_dir: str, *,
                  fusion: Mapping[str, Any], review_cfg=None, evaluator: Evaluator | None = None,
                  label: str | None = None, resume: bool = False, data_info: Mapping[str, Any] | None = None,
-                 loaded=None):
+                 loaded=None, feature_cache: str | None = None):
         if not items:
             raise UserError("finetune: the catalog has no products")
         ids = [it.product_id for it in items]
@@ -453,6 +453,7 @@ class Trainer:
         self.resume = resume
         self.data_info = dict(data_info or {})
         self._loaded = loaded
+        self.feature_cache = feature_cache
         self.ids = ids
         self.labels = [it.label for it in items]
         self.split = {pid: split_of(pid, cfg.split_seed, cfg.split) for pid in ids}
@@ -509,6 +510,36 @@ class Trainer:
         self.feature_seconds = time.time() - t0
         log.info("features done in %.1fs", self.feature_seconds)
         return FeatureSet(self.ids, self.labels, img, txt, flip, reviews)
+
+    def _feature_key(self) -> str:
+        return config_hash({"base": self.base_spec.to_dict() if hasattr(self.base_spec, "to_dict") else
+                            str(self.base_spec), "model_id": getattr(self.loaded, "model_id", None),
+                            "data": self.data_hash, "flip": bool(self.cfg.flip_views and self.cfg.mode != "full"),
+                            "split": [self.cfg.split_seed, list(self.cfg.split)], "code": code_version()})
+
+    def _cached_features(self) -> FeatureSet:
+        """Frozen-tower features from ``feature_cache`` when it holds this base model + data, else computed (and
+        saved there). Tower modes still decode images / tokenise texts for training."""
+        path = self.feature_cache
+        usable = path and self.cfg.mode == "heads" and not any(it.reviews for it in self.items)
+        if usable and os.path.isfile(path):
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) == self._feature_key() and list(z["ids"]) == self.ids:
+                    log.info("features: reusing %s", path)
+                    self.feature_seconds = 0.0
+                    return FeatureSet(self.ids, self.labels, z["image"], z["text"],
+                                      z["image_flip"] if z["image_flip"].size else None,
+                                      [None] * len(self.ids))
+                log.info("features: %s was made for other data or another model; recomputing", path)
+        feats = self._features()
+        if usable:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            tmp = path + ".tmp.npz"
+            np.savez(tmp, key=np.asarray(self._feature_key()), ids=np.asarray(self.ids), image=feats.image,
+                     text=feats.text, image_flip=feats.image_flip if feats.image_flip is not None else np.zeros(0))
+            os.replace(tmp, path)
+            log.info("features saved to %s", path)
+        return feats
 
     def _make_heads(self):
         from .offline import make_heads
@@ -698,7 +729,7 @@ class Trainer:
         t_start = time.time()
         cfg = self.cfg
         self._load_base()
-        feats = self._features()
+        feats = self._cached_features()
         pairs = np.asarray([i for i in self.rows["train"]
                             if np.linalg.norm(feats.image[i]) > 0 and np.linalg.norm(feats.text[i]) > 0])
         if len(pairs) < 2:

@@ -102,6 +102,8 @@ def register(sub) -> None:
     p.add_argument("--max-minutes", type=float, help="override [finetune] max_minutes (training budget)")
     p.add_argument("--device", help="override [finetune] device (auto|cpu|cuda)")
     p.add_argument("--resume", action="store_true", help="continue from the state saved in DIR by an interrupted run")
+    p.add_argument("--feature-cache", metavar="NPZ", help="heads mode: reuse / save the frozen-tower features here "
+                                                           "(keyed by base model, data and code version)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set finetune.lr=1e-3 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the manifest's metrics JSON on stdout")
@@ -322,7 +324,8 @@ def run_finetune(args) -> int:
         log.warning("label column %r is empty: label metrics and block-scale selection are skipped", label)
     evaluator = functools.partial(evaluate_modalities, meta={"model_id": cfg.model.model_id})
     res = finetune(cfg.model, items, ft, args.out, fusion=cfg.fusion.to_dict(), review_cfg=cfg.reviews,
-                   evaluator=evaluator, label=label, resume=args.resume, data_info=info)
+                   evaluator=evaluator, label=label, resume=args.resume, data_info=info,
+                   feature_cache=args.feature_cache)
     m = res.manifest
     if args.json:
         json.dump({"out": os.path.abspath(args.out), "metrics": m["metrics"], "training": {

@@ -400,3 +400,25 @@ def test_finetune_cli_reads_the_catalog_and_writes_a_checkpoint(embedded, tmp_pa
     assert main(["finetune", "--config", "configs/demo.toml", "--products", products, "--out", str(out),
                  "--label", "colour"]) == 2
     assert "--label 'colour'" in capsys.readouterr().err
+
+
+def test_feature_cache_is_reused_only_for_the_same_data(tmp_path, caplog):
+    import logging
+
+    from embedders.models import ModelSpec, load_model
+
+    items = synthetic_items(24)
+    spec = ModelSpec(name="shopvec-tiny")
+    cache = str(tmp_path / "feats.npz")
+    cfg = small_cfg(epochs=1, split=(0.6, 0.2, 0.2), batch_size=8)
+    a = finetune(spec, items, cfg, str(tmp_path / "a"), fusion=FUSION, loaded=load_model(spec), feature_cache=cache)
+    with caplog.at_level(logging.INFO, logger="embedders.finetune"):
+        b = finetune(spec, items, cfg, str(tmp_path / "b"), fusion=FUSION, loaded=load_model(spec),
+                     feature_cache=cache)
+    assert "reusing" in caplog.text
+    np.testing.assert_array_equal(a.vectors["image"], b.vectors["image"])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="embedders.finetune"):
+        finetune(spec, items[:20], cfg, str(tmp_path / "c"), fusion=FUSION, loaded=load_model(spec),
+                 feature_cache=cache)
+    assert "recomputing" in caplog.text
