@@ -16,7 +16,8 @@ state, reports and the Prometheus textfile live under [nightly] state_dir (see d
 
 def register(sub) -> None:
     p = sub.add_parser("nightly", help="incremental re-embed, index, quality gates and atomic publish (run nightly)",
-                       description=__doc__.splitlines()[0], epilog=EPILOG,
+                       description="Incremental embed -> index -> quality gates -> atomic publish -> report "
+                                   "(one run; schedule it nightly).", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/nightly.toml", help="TOML config (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

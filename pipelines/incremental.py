@@ -338,10 +338,9 @@ def scan_catalog(cfg: Config, products: str, reviews: str | None) -> CatalogScan
         rs = ratings.get(pid)
         rev_mean.append(float(np.mean(rs)) if rs else None)
         meta_key.append(sha256_bytes(canonical_json([meta[pid], len(c), rev_mean[-1]]).encode("utf-8")))
-    keys = pa.table({"product_id": ids, "file_idx": pa.array(loc_f, pa.int32()), "row": pa.array(loc_r, pa.int64()),
-                     "image_key": pa.array(img, pa.string()), "text_key": pa.array(txt, pa.string()),
-                     "review_key": pa.array(rev_key, pa.string()), "meta_key": meta_key,
-                     "review_count": pa.array(rev_count, pa.int32()), "rating_mean": pa.array(rev_mean, pa.float64())})
+    keys = pa.table({"product_id": ids, "file_idx": loc_f, "row": loc_r, "image_key": img, "text_key": txt,
+                     "review_key": rev_key, "meta_key": meta_key, "review_count": rev_count, "rating_mean": rev_mean},
+                    schema=pa.schema([f for f in KEYS_SCHEMA if f.name != "status"]))
     return CatalogScan(keys=keys, meta=meta, dead_letters=dead, product_rows=rows, review_rows=review_rows,
                        orphan_reviews=orphans, null_text_reviews=null_text, ptable=ptable, rtable=rtable,
                        image_reads=image_reads)
@@ -383,10 +382,6 @@ class Plan:
         return {"mode": self.mode, "reason": self.reason, "unchanged": self.unchanged,
                 "metadata_only": self.metadata_only, "new": self.new, "changed": self.changed,
                 "dead_unchanged": self.dead_unchanged, "deleted": self.deleted, "canaries": self.canaries}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Plan":
-        return cls(**d)
 
 
 def read_keys(run_dir: str) -> tuple[pa.Table, dict[str, Any]] | None:

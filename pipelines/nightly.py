@@ -52,19 +52,17 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import glob
-import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
 import socket
-import sys
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from embedders.errors import UserError
 from embedders.provenance import canonical_json, code_version, config_hash, sha256_bytes, sha256_file, utc_now
@@ -308,9 +306,9 @@ class RunLock:
       the next run still sees the dead holder's record (``released: false``) and reports it as a stale holder.
     - A flock can outlive its holder when a child process inherited the descriptor (e.g. a leftover worker). When
       the lock is busy, the recorded holder is checked: same host and that pid is gone (or reused), or another host
-      with no heartbeat for ``stale_after_s`` -> the holder is stale and the lock is broken: the lock file is
-      unlinked (under a guard lock, re-checking that it is still the same inode) and a fresh one is taken, so the
-      leftover process keeps a lock on an orphaned inode only.
+      with no heartbeat for ``stale_after_s`` (the holder refreshes it every minute) -> the holder is stale and the
+      lock is broken: the lock file is unlinked (under a guard lock, re-checking that it is still the same inode)
+      and a fresh one is taken, so the leftover process keeps a lock on an orphaned inode only.
     - Anything else -> :class:`LockBusy` (exit code 75).
     """
 
@@ -320,6 +318,9 @@ class RunLock:
         self._fd: int | None = None
         self.record: dict[str, Any] = {}
         self.notes: list[str] = []
+        self._wlock = threading.Lock()
+        self._stop = threading.Event()
+        self._len = 0
 
     @staticmethod
     def read_holder(path: str) -> dict[str, Any] | None:
@@ -400,6 +401,7 @@ class RunLock:
                     continue
                 raise LockBusy(self.path, holder)
             self._fd = fd
+            self._len = os.fstat(fd).st_size
             break
         else:
             raise LockBusy(self.path, self.read_holder(self.path))
@@ -419,31 +421,47 @@ class RunLock:
         return {"path": self.path, "stale_previous_holder": stale_previous, "notes": list(self.notes)}
 
     def _write(self) -> None:
-        assert self._fd is not None
-        data = json.dumps(self.record, sort_keys=True).encode()
-        os.lseek(self._fd, 0, os.SEEK_SET)
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, data)
-        os.fsync(self._fd)
+        with self._wlock:
+            if self._fd is None:
+                return
+            # rewritten in place, padded with spaces to the longest record so far (valid JSON): a reader never
+            # sees an empty or truncated file
+            data = json.dumps(self.record, sort_keys=True).encode()
+            self._len = max(self._len, len(data))
+            os.pwrite(self._fd, data.ljust(self._len), 0)
+            os.fsync(self._fd)
 
-    def heartbeat(self, stage: str) -> None:
+    def heartbeat(self, stage: str | None = None) -> None:
         if self._fd is None:
             return
-        self.record.update(stage=stage, heartbeat_at=utc_now(), heartbeat_unix=time.time())
+        if stage is not None:
+            self.record["stage"] = stage
+        self.record.update(heartbeat_at=utc_now(), heartbeat_unix=time.time())
         self._write()
+
+    def start_heartbeat(self, every_s: float = 60.0) -> None:
+        """Refresh the heartbeat in the background, so a long stage (hours of embedding) never looks stale."""
+        def beat():
+            while not self._stop.wait(every_s):
+                with contextlib.suppress(OSError):
+                    self.heartbeat()
+
+        threading.Thread(target=beat, name="nightly-lock-heartbeat", daemon=True).start()
 
     def release(self) -> None:
         import fcntl
 
+        self._stop.set()
         if self._fd is None:
             return
         try:
             self.record.update(released=True, released_at=utc_now())
             self._write()
         finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+            with self._wlock:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = None
 
 
 # ================================================================================================================
@@ -496,9 +514,6 @@ class Checkpoints:
         _write_json_atomic(self._path(stage), ck)
         return ck
 
-    def clear(self, stage: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self._path(stage))
 
 
 # ================================================================================================================
@@ -891,7 +906,8 @@ class _Run:
                 plan.canaries = []  # nothing new is mixed with the stored vectors: no drift to measure
             keys_digest = sha256_bytes(canonical_json(scan.keys.to_pydict()).encode())
             scan_digest = config_hash({"keys": keys_digest, "plan": plan.to_json()})
-            rec.update({"product_rows": scan.product_rows, "products": scan.keys.num_rows, **plan.counts()})
+            rec.update({"product_rows": scan.product_rows, "products": scan.keys.num_rows,
+                        "image_uri_files_read": scan.image_reads, **plan.counts()})
             self.report["counts"].update({"catalog_rows": scan.product_rows, "products": scan.keys.num_rows,
                                           **{k: v for k, v in plan.counts().items() if k not in ("mode", "reason")}})
             self.report["plan"] = {"mode": plan.mode, "reason": plan.reason,
@@ -1284,6 +1300,7 @@ def run_nightly(cfg: Config, force: bool = False) -> NightlyResult:
         else:
             report["stages"].append({"name": "lock", "status": "ok", "seconds": round(time.perf_counter() - t, 3)})
             report["lock"] = lock_info
+            run.lock.start_heartbeat()
             for n in lock_info["notes"]:
                 run.note(n)
             try:

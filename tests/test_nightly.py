@@ -24,8 +24,8 @@ import pytest
 from pipelines import embed as embed_mod
 from pipelines import incremental as inc
 from pipelines.config import load_config
-from pipelines.nightly import (EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, Layout, NightlyResult, RunLock,
-                               gate_drift, run_nightly)
+from pipelines.nightly import (EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, STAGES, Layout, NightlyResult,
+                               RunLock, gate_drift, run_nightly)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 40
@@ -149,8 +149,7 @@ def test_first_run_publishes_everything(base):
     assert c["embedded"] == gen["expected"]["embedded"] == c["indexed"]
     assert c["reused"] == 0 and rep["plan"]["mode"] == "full"
     assert current(base["root"]) == rep["published_version"] == read_state(base["root"])["index_version"]
-    assert [s["name"] for s in rep["stages"]] == ["lock", "fingerprint", "scan", "embed", "merge", "index", "gates",
-                                                  "publish"]
+    assert [s["name"] for s in rep["stages"]] == list(STAGES)
     assert all(s["status"] == "ok" for s in rep["stages"])
     gates = {g["name"]: g for g in rep["gates"]}
     assert gates["row_count"]["skipped"] and gates["drift"]["skipped"] and gates["recall"]["passed"]

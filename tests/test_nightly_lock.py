@@ -45,6 +45,23 @@ def test_second_holder_is_refused_and_sees_the_holder(tmp_path):
     assert RunLock.read_holder(path)["released"] is True
 
 
+def test_heartbeat_thread_keeps_the_record_fresh(tmp_path):
+    path = str(tmp_path / "nightly.lock")
+    lk = RunLock(path)
+    lk.acquire("long-run")
+    first = RunLock.read_holder(path)["heartbeat_unix"]
+    lk.start_heartbeat(every_s=0.05)
+    try:
+        deadline = time.time() + 10
+        while RunLock.read_holder(path)["heartbeat_unix"] <= first:
+            assert time.time() < deadline, "no heartbeat within 10 s"
+            time.sleep(0.05)
+    finally:
+        lk.release()
+    rec = RunLock.read_holder(path)
+    assert rec["released"] is True and rec["stage"] == "lock"
+
+
 def _holder_script(lock: str, pidfile: str, fork_child: bool) -> str:
     return textwrap.dedent(f"""
         import os, signal, sys, time
