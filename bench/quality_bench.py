@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     if tiny:
         rows.append(("shopvec-tiny, random init (configs/demo.toml)", tiny))
     rows.append((f"shopvec-offline, concat {fmtw(res['offline'])} (configs/offline.toml)", base))
-    rows.append((f"shopvec-offline + finetune, heads at init (before training)", before))
-    rows.append((f"shopvec-offline + finetune (heads), embedded by `shopvec embed`", after))
+    rows.append(("shopvec-offline + finetune, heads at init (before training)", before))
+    rows.append(("shopvec-offline + finetune (heads), embedded by `shopvec embed`", after))
     for name, m in ablations.items():
         rows.append((f"ablation: {ABLATION_TITLES[name]}", figures(m, k)))
     q = res["offline"]["meta"]["queries"]

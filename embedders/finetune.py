@@ -652,7 +652,8 @@ class Trainer:
                 "base": self.base_spec.to_dict() if hasattr(self.base_spec, "to_dict") else str(self.base_spec),
                 "fusion": self.fusion}
 
-    def _save_state(self, heads, opt, epoch: int, best: dict, history: list, patience_left: int) -> None:
+    def _save_state(self, heads, opt, epoch: int, best: dict, history: list, patience_left: int,
+                    init_info: dict | None = None) -> None:
         import torch
         from safetensors.torch import save_file
 
@@ -671,7 +672,8 @@ class Trainer:
         with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
             json.dump({"identity_hash": config_hash(self._identity()), "epoch": epoch,
                        "best": {k: v for k, v in best.items() if k not in ("heads", "tower")},
-                       "history": history, "patience_left": patience_left}, f, indent=1, default=str)
+                       "history": history, "patience_left": patience_left, "init": init_info}, f, indent=1,
+                      default=str)
         shutil.rmtree(d, ignore_errors=True)
         os.replace(tmp, d)
 
@@ -697,6 +699,7 @@ class Trainer:
             if os.path.isfile(os.path.join(d, "best_tower.safetensors")):
                 best["tower"] = load_file(os.path.join(d, "best_tower.safetensors"))
         opt.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), map_location=self.device, weights_only=True))
+        self._resumed_init = st.get("init")
         return int(st["epoch"]), best, list(st["history"]), int(st["patience_left"])
 
     def _tower_params(self) -> list:
@@ -786,6 +789,7 @@ class Trainer:
                 log.warning("--resume: no saved state in %s; starting from scratch", self._state_dir())
             else:
                 start_epoch, best, history, patience_left = st
+                init_info = {**(getattr(self, "_resumed_init", None) or {}), "resumed_after_epoch": start_epoch}
                 log.info("resumed after epoch %d (best epoch %s)", start_epoch, best.get("epoch"))
         if best.get("heads") is None:
             best.update(score=[start_val["recall"], start_val["mrr"]], epoch=0,
@@ -830,7 +834,7 @@ class Trainer:
                      loss, rate, cfg.k, val["recall"], val["mrr"],
                      f" | test recall@{cfg.k} {entry['test'][f'recall@{cfg.k}']}" if "test" in entry else "",
                      " *" if improved else "")
-            self._save_state(heads, opt, epoch, best, history, patience_left)
+            self._save_state(heads, opt, epoch, best, history, patience_left, init_info)
         else:
             stopped = "epochs" if patience_left > 0 else "early_stopping"
         train_seconds = time.time() - t_train
@@ -863,8 +867,6 @@ class Trainer:
     def _init_heads(self, heads, feats: FeatureSet, pairs: np.ndarray) -> dict[str, Any]:
         """Closed-form start for linear heads: regularised CCA of the training pairs, its ridge/power picked by
         validation text->image recall (then MRR). Epoch 0 of the training is this solution."""
-        import torch
-
         cfg = self.cfg
         if cfg.init != "cca":
             return {"method": "random"}

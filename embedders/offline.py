@@ -224,18 +224,13 @@ def build_unaligned(device: str = "cpu", precision: str = "fp32"):
             os.environ["HF_HUB_OFFLINE"] = old_offline
     trunk = model.visual.trunk
     tsd = trunk.state_dict()
-    # the trunk was built without a classifier (num_classes=0): map against the full architecture's key order
-    import timm
-
-    full_keys = list(timm.create_model(TIMM_MODEL, pretrained=False).state_dict().keys()) \
-        if "classifier.weight" not in tsd else list(tsd)
-    shapes = {k: tuple(v.shape) for k, v in tsd.items()}
-    shapes.setdefault("classifier.weight", (1000, IMAGE_DIM))
-    shapes.setdefault("classifier.bias", (1000,))
+    # The trunk is built without its classifier (num_classes=0); timm's full tf_efficientnet_lite0 key order is the
+    # trunk's followed by classifier.weight / classifier.bias - the order of the EfficientNet-PyTorch file's _fc.
+    full_keys = list(tsd) + ["classifier.weight", "classifier.bias"]
+    shapes = {**{k: tuple(v.shape) for k, v in tsd.items()},
+              "classifier.weight": (1000, IMAGE_DIM), "classifier.bias": (1000,)}
     mapped = effnet_state_dict(paths["image_weights"], full_keys, shapes)
-    mapped = {k: v for k, v in mapped.items() if k in tsd}
-    missing, unexpected = trunk.load_state_dict(mapped, strict=True), None
-    del missing, unexpected
+    trunk.load_state_dict({k: v for k, v in mapped.items() if k in tsd}, strict=True)
     model.eval()
     return _place(model, device, precision)
 
@@ -459,6 +454,14 @@ def output_dims(spec) -> tuple[int, int]:
         return IMAGE_DIM, TEXT_DIM
     meta = read_model_json(folder)
     return int(meta["image_dim"]), int(meta["text_dim"])
+
+
+def is_aligned(spec) -> bool:
+    """Whether ``spec``'s image and text vectors share one space, without loading any weights
+    (``shopvec-offline``: no; a ``shopvec finetune`` checkpoint: yes)."""
+    _check_spec_name(spec)
+    folder = _checkpoint_dir(spec)
+    return folder is not None and bool(read_model_json(folder).get("aligned", True))
 
 
 def load_heads(folder: str, meta: Mapping[str, Any]):

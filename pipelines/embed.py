@@ -726,11 +726,12 @@ def run_embed(cfg: Config, products: str, reviews: str | None, out: str, runner:
     image_dim, text_dim = output_dims(spec)
     dims = modality_dims(image_dim, text_dim)
     aligned = True
-    if spec.name.startswith("shopvec-offline") or spec.name.startswith("local-dir:"):
-        try:
-            aligned = shared_encoder(spec, cfg.image_limits).loaded.aligned if runner in LOCAL_RUNNERS else True
-        except Exception:  # noqa: BLE001 - the worker will report the real load error
-            aligned = True
+    from embedders.models import _builder_for
+
+    if _builder_for(spec) is not None:  # offline towers or a fine-tuned checkpoint of them
+        from embedders.offline import is_aligned
+
+        aligned = bool(is_aligned(spec))  # from the spec/checkpoint metadata, no weights loaded
     check_compatible(cfg.fusion, dims, aligned)
     if spec.random_init:
         log.warning("RANDOM-INIT MODEL %s: the vectors of this run are random features (fine for tests and demos, "

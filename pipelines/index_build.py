@@ -817,7 +817,9 @@ def choose_sharded_key(requested: str, n: int, dim: int, max_memory: int | None,
     """
     from index.build import BUDGET_FRACTION, available_memory, choose_index_key, estimate_memory, nlist_for
 
-    budget = int((max_memory if max_memory is not None else available_memory()) * BUDGET_FRACTION)
+    # --max-memory is the *served* index's budget (it drives the key choice, e.g. compressed IVF-PQ); the builder
+    # shards on its own only when the raw vectors would not fit this machine's memory.
+    budget = int(available_memory() * BUDGET_FRACTION)
     if requested.strip().lower() == "auto":
         key, reason = choose_index_key(n, dim, max_memory)
         if key == "Flat":
@@ -999,7 +1001,7 @@ def sharding_decision(embeddings: str, runner: str | None, beam_args: Sequence[s
     """(runner or None for the single-process build, Beam args, why) for ``shopvec index``.
 
     ``--runner`` asks for the sharded build explicitly. Without it, a catalog larger than ``shard_above`` vectors,
-    or whose raw vectors exceed the memory budget, is built sharded on the local multi-process runner (one worker
+    or whose raw vectors exceed the memory available to the builder, is built sharded on the local multi-process runner (one worker
     per core) -- the same code a cluster runs. Reads Parquet footers only.
     """
     from index.build import BUDGET_FRACTION, available_memory
@@ -1012,7 +1014,9 @@ def sharding_decision(embeddings: str, runner: str | None, beam_args: Sequence[s
     files = embeddings_files(embeddings)
     n = sum(_open_parquet(f).metadata.num_rows for f in files)
     dim = vector_dim(files[0])
-    budget = int((max_memory if max_memory is not None else available_memory()) * BUDGET_FRACTION)
+    # --max-memory is the *served* index's budget (it drives the key choice, e.g. compressed IVF-PQ); the builder
+    # shards on its own only when the raw vectors would not fit this machine's memory.
+    budget = int(available_memory() * BUDGET_FRACTION)
     threshold = AUTO_SHARD_ROWS if shard_above is None else shard_above
     if n > threshold or n * dim * 4 > budget:
         workers = max(1, os.cpu_count() or 1)

@@ -137,6 +137,11 @@ def test_manifest_records_provenance(trained):
     with open(f"{res.out_dir}/shopvec_model.json") as f:
         mj = json.load(f)
     assert mj["builder"] == "offline" and mj["aligned"] is True
+    from embedders.models import ModelSpec
+    from embedders.offline import is_aligned, output_dims
+
+    assert is_aligned(ModelSpec(name=f"local-dir:{res.out_dir}")) is True
+    assert output_dims(ModelSpec(name=f"local-dir:{res.out_dir}")) == (mj["image_dim"], mj["text_dim"])
 
 
 def test_checkpoint_loads_and_reproduces_the_trained_vectors(trained):

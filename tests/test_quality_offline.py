@@ -60,6 +60,7 @@ def test_spec_names():
     with pytest.raises(UserError, match="pretrained"):
         offline.preprocess_config(ModelSpec(name="shopvec-offline", pretrained="laion"))
     assert offline.output_dims(ModelSpec(name="shopvec-offline")) == (1280, 384)
+    assert offline.is_aligned(ModelSpec(name="shopvec-offline")) is False
 
 
 def test_model_is_an_unaligned_open_clip_model(loaded):
