@@ -61,45 +61,6 @@ def Metrics_counter(name: str, n: int = 1) -> None:  # noqa: N802 - tiny helper
     beam.metrics.Metrics.counter(NS, name).inc(n)
 
 
-def _norm_id(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value)
-    s = str(value).strip()
-    return s or None
-
-
-def _ts_seconds(value: Any) -> float | None:
-    """created_at as epoch seconds: timestamps, dates or ISO-8601 strings; anything unparsable -> None."""
-    import datetime as dt
-
-    if value is None:
-        return None
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.timezone.utc)
-        return value.timestamp()
-    if isinstance(value, dt.date):
-        return dt.datetime(value.year, value.month, value.day, tzinfo=dt.timezone.utc).timestamp()
-    if isinstance(value, str):
-        try:
-            return _ts_seconds(dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00")))
-        except ValueError:
-            return None
-    return None
-
-
-def _num(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Reading
 class ReadRowGroups(beam.DoFn):

@@ -52,6 +52,7 @@ from embedders.text import clean_text, product_text
 
 from .catalog import TableSpec, inspect_products, inspect_reviews, open_parquet, read_row_group
 from .config import Config
+from .records import norm_id as _norm_id, num as _num, ts_seconds as _ts_seconds
 
 log = logging.getLogger(__name__)
 
@@ -66,43 +67,6 @@ SHARD_ROWS = 50_000
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The embed pipeline's record normalisation (``pipelines.embed._norm_id/_num/_ts_seconds``), repeated here because
-# importing ``pipelines.embed`` loads Beam + torch (seconds) and the scan must stay cheap; a test asserts that both
-# give the same values and the same hashes.
-def _norm_id(value: Any) -> str | None:
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value)
-    s = str(value).strip()
-    return s or None
-
-
-def _num(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _ts_seconds(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, _dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=_dt.timezone.utc)
-        return value.timestamp()
-    if isinstance(value, _dt.date):
-        return _dt.datetime(value.year, value.month, value.day, tzinfo=_dt.timezone.utc).timestamp()
-    if isinstance(value, str):
-        try:
-            return _ts_seconds(_dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00")))
-        except ValueError:
-            return None
-    return None
-
-
 def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
