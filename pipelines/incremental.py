@@ -30,11 +30,9 @@ Arrow buffers copied from the previous Parquet, so they are bit-for-bit what was
 """
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import struct
