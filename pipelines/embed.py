@@ -40,6 +40,7 @@ from embedders.text import clean_text, product_text
 
 from .catalog import TableSpec, inspect_products, inspect_reviews, read_row_group
 from .config import Config
+from .records import norm_id as _norm_id, num as _num, ts_seconds as _ts_seconds
 from .handlers import PER_PROCESS_LOADS, EncodeRequest, ShopvecModelHandler, shared_encoder
 
 log = logging.getLogger(__name__)

@@ -38,8 +38,10 @@ def demo_config():
 @pytest.fixture(scope="session")
 def demo_embeddings(tmp_path_factory, demo_catalog, demo_config):
     """One embed run over the demo catalog (products + reviews); returns (out_dir, report)."""
+    from pipelines import handlers
     from pipelines.embed import run_embed
 
+    handlers._CACHE.clear()  # a model cached by an earlier test in this process would hide this run's load count
     out = tmp_path_factory.mktemp("demo_out") / "out"
     report = run_embed(demo_config, demo_catalog["products"], demo_catalog["reviews"], str(out),
                        runner="DirectRunner")
