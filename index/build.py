@@ -650,6 +650,18 @@ def tune(pix: ProductIndex, vectors: np.ndarray, config: BuildConfig) -> dict[st
             "seconds": round(time.perf_counter() - t_start, 3), "_tuner": tuner}
 
 
+def measured_figures(k: int, tuning: dict[str, Any], lat: dict[str, Any], recall_queries: int) -> dict[str, Any]:
+    """The manifest's ``measured`` block (single-process and sharded builds alike)."""
+    return {"k": k, "recall_at_k": tuning["recall_fresh"], "recall_at_k_tuning": tuning["recall_tuning"],
+            "recall_queries": int(recall_queries),
+            "latency_ms": {"p50": lat["p50"], "p99": lat["p99"], "mean": lat["mean"]},
+            "latency_threads": lat["threads"], "latency_queries": lat["queries"],
+            "batched_qps": lat["batched_qps"], "batched_threads": lat["batched_threads"],
+            "recall_definition": "similar(): sampled indexed products as queries, the query product excluded "
+                                 "from both exact and ANN lists; ANN results scoring >= the k-th exact score "
+                                 "count as hits"}
+
+
 def measure_latency(pix: ProductIndex, positions: np.ndarray, k: int, params: dict[str, Any] | None = None,
                     threads: int = 1) -> dict[str, Any]:
     """Single-query p50/p99 (``threads`` OpenMP threads) and batched QPS (all threads) of ``similar()``."""
@@ -728,14 +740,7 @@ def build_index(vectors: np.ndarray, ids: Sequence[str] | pa.Array, config: Buil
     lat = measure_latency(pix, lat_positions, config.k, params)
     log.info("latency: p50 %.3f ms, p99 %.3f ms (1 thread), %.0f QPS batched (%.1f s)", lat["p50"], lat["p99"],
              lat["batched_qps"], time.perf_counter() - t0)
-    measured = {"k": config.k, "recall_at_k": tuning["recall_fresh"], "recall_at_k_tuning": tuning["recall_tuning"],
-                "recall_queries": int(len(fresh.positions)), "latency_ms": {"p50": lat["p50"], "p99": lat["p99"],
-                                                                            "mean": lat["mean"]},
-                "latency_threads": lat["threads"], "latency_queries": lat["queries"],
-                "batched_qps": lat["batched_qps"], "batched_threads": lat["batched_threads"],
-                "recall_definition": "similar(): sampled indexed products as queries, the query product excluded "
-                                     "from both exact and ANN lists; ANN results scoring >= the k-th exact score "
-                                     "count as hits"}
+    measured = measured_figures(config.k, tuning, lat, int(len(fresh.positions)))
     build_info = {**built, "tune_s": tuning["seconds"], "total_s": round(time.perf_counter() - t_all, 3),
                   "train_s": round(built["train_s"], 3), "add_s": round(built["add_s"], 3),
                   "estimated_memory_bytes": estimate_memory(key, n, dim)}

@@ -239,6 +239,20 @@ def _metadata_table(table: pa.Table) -> pa.Table:
     return table.select(keep).replace_schema_metadata(None)
 
 
+def merge_provenance(provenance: dict[str, Any], prov_file: Any, prov: dict[str, Any] | None,
+                     f: Any) -> tuple[dict[str, Any], Any]:
+    """Keep the first file's provenance; refuse a file whose model, dim or fusion differs (mixed runs)."""
+    if not prov:
+        return provenance, prov_file
+    if not provenance:
+        return prov, f
+    for key in ("model_id", "dim", "fusion", "random_init"):
+        if key in prov and key in provenance and prov[key] != provenance[key]:
+            raise UserError(f"{f}: provenance '{key}' = {prov[key]!r} differs from {prov_file} "
+                            f"({provenance[key]!r}); do not mix embeddings of different runs/models")
+    return provenance, prov_file
+
+
 def read_embeddings(path: str | os.PathLike, *, normalize_tolerance: float = NORM_TOLERANCE) -> Embeddings:
     """Read and validate embeddings; see the module docstring for what ``path`` may be.
 
@@ -289,15 +303,7 @@ def read_embeddings(path: str | os.PathLike, *, normalize_tolerance: float = NOR
     renorm = 0
     row = 0
     for f, pf, schema, rows in infos:
-        prov = _schema_provenance(f, schema)
-        if prov:
-            if not provenance:
-                provenance, prov_file = prov, f
-            else:
-                for key in ("model_id", "dim", "fusion", "random_init"):
-                    if key in prov and key in provenance and prov[key] != provenance[key]:
-                        raise UserError(f"{f}: provenance '{key}' = {prov[key]!r} differs from {prov_file} "
-                                        f"({provenance[key]!r}); do not mix embeddings of different runs/models")
+        provenance, prov_file = merge_provenance(provenance, prov_file, _schema_provenance(f, schema), f)
         if rows == 0:
             continue
         try:

@@ -718,15 +718,7 @@ def _ids_and_metadata(files: Sequence[str], report_path: str | None, source: str
         id_type = schema.field(ID_COLUMN).type
         if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
             raise UserError(f"{f}: field '{ID_COLUMN}' has type {id_type}, expected string")
-        prov = eio._schema_provenance(Path(f), schema)
-        if prov:
-            if not provenance:
-                provenance, prov_file = prov, f
-            else:
-                for key in ("model_id", "dim", "fusion", "random_init"):
-                    if key in prov and key in provenance and prov[key] != provenance[key]:
-                        raise UserError(f"{f}: provenance '{key}' = {prov[key]!r} differs from {prov_file} "
-                                        f"({provenance[key]!r}); do not mix embeddings of different runs/models")
+        provenance, prov_file = eio.merge_provenance(provenance, prov_file, eio._schema_provenance(Path(f), schema), f)
         cols = [c for c in schema.names if c not in eio.VECTOR_COLUMNS]
         if pf.metadata.num_rows == 0:
             continue
@@ -865,14 +857,9 @@ def _finish_build(index, key: str, reason: str, vectors, ids, metadata, config, 
     lat_positions = np.random.default_rng(config.seed + 2).choice(n, size=min(config.latency_queries, n),
                                                                    replace=False)
     lat = measure_latency(pix, lat_positions, config.k, params)
-    measured = {"k": config.k, "recall_at_k": tuning["recall_fresh"], "recall_at_k_tuning": tuning["recall_tuning"],
-                "recall_queries": tuning["queries_fresh"], "latency_ms": {"p50": lat["p50"], "p99": lat["p99"],
-                                                                            "mean": lat["mean"]},
-                "latency_threads": lat["threads"], "latency_queries": lat["queries"],
-                "batched_qps": lat["batched_qps"], "batched_threads": lat["batched_threads"],
-                "recall_definition": "similar(): sampled indexed products as queries, the query product excluded "
-                                     "from both exact and ANN lists; ANN results scoring >= the k-th exact score "
-                                     "count as hits"}
+    from index.build import measured_figures
+
+    measured = measured_figures(config.k, tuning, lat, tuning["queries_fresh"])
     build_info = {**built, "tune_s": tuning["seconds"], "total_s": round(time.time() - t_all, 3),
                   "estimated_memory_bytes": estimate_memory(key, n, dim)}
     return BuildResult(index=index, index_key=key, choice_reason=reason, search_params=params, measured=measured,
