@@ -60,13 +60,20 @@ def resolve_paths(spec: str, what: str = "products") -> list[str]:
     return paths
 
 
-def open_parquet(path: str) -> pq.ParquetFile:
+# Streaming reads: without these, Arrow pre-buffers a whole row group's column chunks (every image of the row group)
+# before the first batch comes out -- a catalog written as one big row group would sit in memory in full.
+STREAM_READ = {"pre_buffer": False, "buffer_size": 4 << 20}
+
+
+def open_parquet(path: str, stream: bool = False) -> pq.ParquetFile:
+    """Open one Parquet file (local or any Beam FileSystems URI); ``stream`` reads pages through a 4 MiB buffer."""
+    kw = STREAM_READ if stream else {}
     try:
         if _is_remote(path):
             from apache_beam.io.filesystems import FileSystems
 
-            return pq.ParquetFile(FileSystems.open(path))
-        return pq.ParquetFile(path)
+            return pq.ParquetFile(FileSystems.open(path), **kw)
+        return pq.ParquetFile(path, **kw)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except (pa.ArrowInvalid, OSError) as e:
@@ -128,7 +135,7 @@ def inspect_table(paths: list[str], columns: dict[str, str], types: dict[str, tu
     row_groups: list[tuple[int, str, int, int]] = []
     total = 0
     for fi, path in enumerate(paths):
-        pf = open_parquet(path)
+        pf = open_parquet(path, stream=True)
         schema = pf.schema_arrow
         names = set(schema.names)
         for role in required:
@@ -188,8 +195,9 @@ def inspect_reviews(spec: str, columns: dict[str, str]) -> TableSpec:
 
 
 def read_row_group(path: str, rg: int, columns: list[str], batch_rows: int = 256) -> Iterator[dict[str, Any]]:
-    """Stream one row group as Python dicts, ``batch_rows`` rows at a time (never the whole file)."""
-    pf = open_parquet(path)
+    """Stream one row group as Python dicts, ``batch_rows`` rows at a time (never the whole file, nor the whole row
+    group: pages are read through a bounded buffer, so memory stays flat however large the row groups are)."""
+    pf = open_parquet(path, stream=True)
     cols = [c for c in columns if c in pf.schema_arrow.names]
     for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=cols, use_threads=False):
         yield from batch.to_pylist()

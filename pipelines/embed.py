@@ -2,12 +2,17 @@
 
 Graph (every step is a plain DoFn/PTransform; nothing depends on driver-side state, everything pickles)::
 
-    row-group plan ─Reshuffle─> ReadRowGroups ─> Validate (dedup via side input) ─> Prepare (fetch, decode,
-    preprocess, tokenise) ─┐                                                                              │
-    reviews ─> ReadRowGroups ─> ValidateReviews ─> join catalog ids ─> select/cap ─> tokenise ─┐          │
-                                                                                  RunInference (one shared model)
-    ─> product vectors  ─┬─> (join review aggregates) ─> Fuse ─> WriteParquetShards(embeddings)
-                         └─> dead letters from every stage ─> WriteParquetShards(dead_letters)
+    row-group plan ─Reshuffle─┬─> ReadIds ─> first occurrence per id ─> duplicates (side input) ─┐
+                              └─> ReadProducts: read + validate/dedup (one step, see its docstring) <┘
+    ─> Prepare (fetch, decode, preprocess, tokenise) ─> RunInference (one shared model per worker) ─> product vectors
+    reviews ─> ReadRowGroups ─> ValidateReviews ─> join catalog ids ─> select/cap ─> tokenise ─> RunInference
+            ─> aggregate per product ─┐
+    product vectors ──────────────────┴─> (join) ─> Fuse ─> WriteParquetShards(embeddings)
+    dead letters from every stage ─> WriteParquetShards(dead_letters)
+
+Memory: product rows stream from Parquet (4 MiB page buffer, 256 rows per batch) through one fused stage to the
+writer; only the tiny row-group tasks wait for the duplicates side input. What is held per product is its id (the
+dedup pass) and, with reviews, its vectors in the review join -- both are shuffles on a distributed runner.
 
 Output is written under a staging folder next to ``--out`` and switched into place only when the run succeeded.
 """
@@ -25,6 +30,7 @@ from typing import Any, Iterable
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -121,6 +127,9 @@ class ValidateProducts(beam.DoFn):
         self._text = text_cfg
 
     def process(self, row, duplicates):
+        yield from self._validate(row, duplicates)
+
+    def _validate(self, row, duplicates):
         roles = self._roles
         fi, ri = row["_ord"]
         pid = _norm_id(row.get(roles["product_id"]))
@@ -145,6 +154,27 @@ class ValidateProducts(beam.DoFn):
         for col in self._extra:
             meta[col] = row.get(col)
         yield {"product_id": pid, "text": text, "image": image, "image_uri": uri, "meta": meta}
+
+
+class ReadProducts(ValidateProducts):
+    """Row-group task -> validated product records, reading and validating in one step.
+
+    Reading happens in the DoFn that takes the duplicates side input on purpose: a runner must finish the side input
+    (the id pass) before this step starts, so if reading were a separate step upstream, the rows it produced -- image
+    bytes included -- would be materialised in full while the runner waited (the whole catalog in memory on a local
+    runner, a shuffle of every image on a distributed one). Fused here, only the tiny row-group tasks wait, and rows
+    stream from Parquet to the model one batch at a time, so peak memory does not grow with the catalog.
+    """
+
+    def __init__(self, table: dict[str, Any], text_cfg: dict[str, Any], columns: list[str]):
+        super().__init__(table, text_cfg)
+        self._columns = columns
+
+    def process(self, task, duplicates):
+        fi, path, rg, first_row = task
+        for i, row in enumerate(read_row_group(path, rg, self._columns)):
+            row["_ord"] = (fi, first_row + i)
+            yield from self._validate(row, duplicates)
 
 
 class PrepareProducts(beam.DoFn):
@@ -510,8 +540,8 @@ def build_pipeline(p: beam.Pipeline, cfg: Config, products: TableSpec, reviews: 
             | "FirstAndCount" >> beam.CombinePerKey(_FirstAndCount())
             | "OnlyDuplicates" >> beam.Filter(lambda kv: kv[1][1] > 1)
             | "Winner" >> beam.Map(lambda kv: (kv[0], tuple(kv[1][0]))))
-    rows = plan | "ReadProducts" >> beam.ParDo(ReadRowGroups(products.read_columns()))
-    valid = rows | "Validate" >> beam.ParDo(ValidateProducts(table, cfg.raw["text"]),
+    # Read + validate in one DoFn (see ReadProducts: keeps the rows out of the side-input wait).
+    valid = plan | "Validate" >> beam.ParDo(ReadProducts(table, cfg.raw["text"], products.read_columns()),
                                             beam.pvalue.AsDict(dups)).with_outputs(DEAD, main="ok")
     prepared = valid.ok | "Prepare" >> beam.ParDo(PrepareProducts(spec, limits, cfg.raw["images"])).with_outputs(
         DEAD, main="ok")
@@ -601,38 +631,52 @@ def _is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def _read_parquet_dir(folder: str, columns: list[str]) -> pa.Table:
-    """All ``*.parquet`` under ``folder`` (local, or any Beam FileSystems URI such as gs://)."""
+def _parquet_files(folder: str) -> list[str]:
+    """All ``*.parquet`` under ``folder`` (local, or any Beam FileSystems URI such as gs://), sorted."""
     if not _is_remote(folder):
-        return pq.read_table(folder, columns=columns)
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet"))
     from apache_beam.io.filesystems import FileSystems
 
-    paths = sorted(m.path for m in FileSystems.match([folder.rstrip("/") + "/*.parquet"])[0].metadata_list)
-    tables = []
-    for p in paths:
-        with FileSystems.open(p) as fh:
-            tables.append(pq.read_table(pa.BufferReader(fh.read()), columns=columns))
-    return pa.concat_tables(tables)
+    return sorted(m.path for m in FileSystems.match([folder.rstrip("/") + "/*.parquet"])[0].metadata_list)
+
+
+def _iter_parquet_batches(folder: str, columns: list[str], batch_rows: int = 65536):
+    """Record batches of ``columns`` from every shard under ``folder``, one batch in memory at a time."""
+    for path in _parquet_files(folder):
+        if _is_remote(path):
+            from apache_beam.io.filesystems import FileSystems
+
+            with FileSystems.open(path) as fh:
+                yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=columns)
+        else:
+            yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
 
 
 def summarize_outputs(staging: str) -> dict[str, Any]:
+    """Counts for the run report, read back from the written shards (exact under retries, unlike metrics).
+
+    Streams the shards batch by batch: memory is bounded by the dead letters' size, never by the catalog's.
+    """
     join = (lambda a, b: a.rstrip("/") + "/" + b) if _is_remote(staging) else os.path.join
-    emb = _read_parquet_dir(join(staging, "embeddings"), ["product_id", "modalities"])
-    dl = _read_parquet_dir(join(staging, "dead_letters"), ["product_id", "stage", "error"])
     dead: dict[str, dict[str, int]] = {}
-    for stage, err in zip(dl.column("stage").to_pylist(), dl.column("error").to_pylist()):
-        dead.setdefault(stage, {}).setdefault(err, 0)
-        dead[stage][err] += 1
-    embedded_ids = set(emb.column("product_id").to_pylist())
-    image_failed = {pid for pid, st in zip(dl.column("product_id").to_pylist(), dl.column("stage").to_pylist())
-                    if st == "image"}
-    mods: dict[str, int] = {}
-    for m in emb.column("modalities").to_pylist():
-        mods[m] = mods.get(m, 0) + 1
-    not_embedded = {pid for pid, st in zip(dl.column("product_id").to_pylist(), dl.column("stage").to_pylist())
-                    if st != "image"}
-    return {"embedded": emb.num_rows, "partial": len(image_failed & embedded_ids), "by_modalities": mods,
-            "dead_letters": dl.num_rows, "dead_letter_products": len(not_embedded), "dead_by_stage": dead}
+    image_failed: set[str] = set()
+    not_embedded: set[str] = set()
+    n_dead = 0
+    for b in _iter_parquet_batches(join(staging, "dead_letters"), ["product_id", "stage", "error"]):
+        n_dead += b.num_rows
+        for pid, stage, err in zip(*(b.column(i).to_pylist() for i in range(3))):
+            dead.setdefault(stage, {}).setdefault(err, 0)
+            dead[stage][err] += 1
+            (image_failed if stage == "image" else not_embedded).add(pid)
+    embedded, partial, mods = 0, 0, {}
+    for b in _iter_parquet_batches(join(staging, "embeddings"), ["product_id", "modalities"]):
+        embedded += b.num_rows
+        if image_failed:
+            partial += sum(1 for pid in b.column(0).to_pylist() if pid in image_failed)
+        for m, c in zip(*pa.compute.value_counts(b.column(1)).flatten()):
+            mods[m.as_py()] = mods.get(m.as_py(), 0) + c.as_py()
+    return {"embedded": embedded, "partial": partial, "by_modalities": mods,
+            "dead_letters": n_dead, "dead_letter_products": len(not_embedded), "dead_by_stage": dead}
 
 
 def _switch_remote(staging: str, out: str, report: dict) -> None:
