@@ -29,7 +29,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "text": {"fields": ["title", "description"], "separator": ". ", "unicode_form": "NFKC"},
     "images": {"max_pixels": 40_000_000, "max_bytes": 20_000_000, "fetch_timeout_s": 10.0, "fetch_retries": 2,
-               "fetch_max_concurrency": 8},
+               "fetch_max_concurrency": 8, "decode_threads": "auto"},
     "reviews": {"max_per_product": 20, "half_life_days": 365.0},
     "fusion": {"mode": "sum", "weights": {"image": 1.0, "text": 1.0, "reviews": 0.5}},
     "batch": {"image_batch_size": 32, "text_batch_size": 64},
@@ -151,6 +151,17 @@ class Config:
             v = self.raw["images"][k]
             if not isinstance(v, int) or v < 1:
                 raise UserError(f"[images] {k} = {v!r}; expected an integer >= 1")
+        decode_threads(self.raw["images"])
+
+
+def decode_threads(images_cfg: dict[str, Any]) -> int:
+    """``[images] decode_threads``: ``"auto"`` = one per two CPUs of the worker (1 on 2 cores), 0 = decode inline."""
+    v = images_cfg.get("decode_threads", "auto")
+    if v == "auto":
+        return max(1, min(8, (os.cpu_count() or 2) // 2))
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise UserError(f"[images] decode_threads = {v!r}; expected \"auto\" or an integer >= 0")
+    return v
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:

@@ -18,6 +18,7 @@ Output is written under a staging folder next to ``--out`` and switched into pla
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ from embedders.provenance import code_version, sha256_bytes, utc_now
 from embedders.text import clean_text, product_text
 
 from .catalog import TableSpec, inspect_products, inspect_reviews, read_row_group
-from .config import Config
+from .config import Config, decode_threads
 from .records import norm_id as _norm_id, num as _num, ts_seconds as _ts_seconds
 from .handlers import PER_PROCESS_LOADS, EncodeRequest, ShopvecModelHandler, shared_encoder
 
@@ -180,16 +181,24 @@ class ReadProducts(ValidateProducts):
 class PrepareProducts(beam.DoFn):
     """Fetch (URIs, concurrently), decode + preprocess images and tokenise text, outside the model call.
 
+    Images are decoded on ``images.decode_threads`` background threads (Pillow and torch release the GIL), so the
+    next batch decodes while the model runs the current one; at most ``window`` products are in flight, and outputs
+    leave in input order, so batch composition -- and therefore every vector -- is the same as with inline decoding.
+    Beam metrics and dead letters are only created on the bundle's own thread.
+
     A failed image is a dead letter (stage ``image``) while the product goes on with its other modalities.
     """
 
-    def __init__(self, spec: ModelSpec, limits, images_cfg: dict[str, Any]):
+    def __init__(self, spec: ModelSpec, limits, images_cfg: dict[str, Any], window: int = 64):
         self._spec = spec
         self._limits = limits
         self._images = images_cfg
+        self._window = max(1, int(window))
         self._pending: list = []
 
     def setup(self):
+        from concurrent.futures import ThreadPoolExecutor
+
         from embedders.encoder import Encoder
         from embedders.models import LoadedModel, build_preprocess, build_tokenizer, preprocess_config
 
@@ -201,39 +210,64 @@ class PrepareProducts(beam.DoFn):
                                          random_init=self._spec.random_init, image_dim=0, text_dim=0,
                                          image_size=size), self._limits)
         self._max_conc = int(self._images.get("fetch_max_concurrency", 8))
+        n = decode_threads(self._images)
+        self._pool = ThreadPoolExecutor(n, thread_name_prefix="shopvec-decode") if n else None
+
+    def teardown(self):
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def start_bundle(self):
         self._pending = []
+        self._inflight: collections.deque = collections.deque()
 
-    def _prepare(self, p, data: bytes | None, fetch_error: RecordError | None):
-        pid = p["product_id"]
-        tensor, image_hash, image_error = None, None, None
+    # -- runs on a decode thread: pure work, no Beam calls ------------------------------------------------------
+    def _decode(self, data: bytes | None, fetch_error: RecordError | None):
         if fetch_error is not None:
-            image_error = fetch_error
-        elif data is not None:
-            image_hash = sha256_bytes(bytes(data))
-            try:
-                tensor = self._prep.prepare_image(bytes(data))
-            except RecordError as e:
-                image_error = e
-        outs = []
+            return None, None, fetch_error
+        if data is None:
+            return None, None, None
+        data = bytes(data)
+        try:
+            return self._prep.prepare_image(data), sha256_bytes(data), None
+        except RecordError as e:
+            return None, sha256_bytes(data), e
+
+    # -- bundle thread ------------------------------------------------------------------------------------------
+    def _submit(self, p, data: bytes | None, fetch_error: RecordError | None):
+        if self._pool is None:  # inline decoding: nothing to wait for
+            yield from self._emit((p, None, self._decode(data, fetch_error)))
+            return
+        if data is None:  # nothing to decode, but it keeps its place in the output order
+            fut, res = None, self._decode(data, fetch_error)
+        else:
+            fut = self._pool.submit(self._decode, data, fetch_error)
+            res = None
+        self._inflight.append((p, fut, res))
+        while len(self._inflight) > self._window:
+            yield from self._emit(self._inflight.popleft())
+
+    def _emit(self, item):
+        p, fut, res = item
+        tensor, image_hash, image_error = fut.result() if fut is not None else res
+        pid = p["product_id"]
         if image_error is not None:
-            outs.append(dead_letter(pid, "image", image_error.error, image_error.message))
+            yield dead_letter(pid, "image", image_error.error, image_error.message)
         tokens = self._prep.prepare_texts([p["text"]])[0] if p["text"] else None
         payload = {"meta": p["meta"], "text_hash": sha256_bytes(p["text"].encode("utf-8")) if p["text"] else None,
                    "image_hash": image_hash, "image_error": image_error.error if image_error else None}
-        outs.append((("p", pid), EncodeRequest(image=tensor, tokens=tokens, payload=payload)))
-        return outs
+        yield (("p", pid), EncodeRequest(image=tensor, tokens=tokens, payload=payload))
 
     def process(self, p):
         if p["image"] is None and p["image_uri"]:
             self._pending.append(p)
             if len(self._pending) >= 2 * self._max_conc:
-                yield from self._flush()
+                yield from self._flush_fetches()
             return
-        yield from self._prepare(p, p["image"], None)
+        yield from self._submit(p, p["image"], None)
 
-    def _flush(self):
+    def _flush_fetches(self):
         from .fetch import fetch_many
 
         pending, self._pending = self._pending, []
@@ -244,12 +278,17 @@ class PrepareProducts(beam.DoFn):
                              self._max_conc)
         for p, r in zip(pending, results):
             if isinstance(r, RecordError):
-                yield from self._prepare(p, None, r)
+                yield from self._submit(p, None, r)
             else:
-                yield from self._prepare(p, r, None)
+                yield from self._submit(p, r, None)
+
+    def _drain(self):
+        yield from self._flush_fetches()
+        while self._inflight:
+            yield from self._emit(self._inflight.popleft())
 
     def finish_bundle(self):
-        for out in self._flush():
+        for out in self._drain():
             if isinstance(out, beam.pvalue.TaggedOutput):
                 yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, GlobalWindow().max_timestamp(),
                                                                       [GlobalWindow()]))

@@ -71,12 +71,17 @@ def test_demo_outputs_schema_counts_and_dead_letters(demo_catalog, demo_embeddin
 
 
 def test_rerun_is_deterministic(demo_catalog, demo_config, demo_embeddings, tmp_path):
-    from pipelines.embed import run_embed
+    """Same config + input -> same vectors. The rerun decodes images inline (``images.decode_threads=0``) while the
+    first run decoded them on background threads: outputs leave the decode step in input order, so batch composition
+    is the same and the vectors are byte-identical, dead letters included."""
+    from pipelines.embed import decode_threads, run_embed
 
     out1, _ = demo_embeddings
+    assert decode_threads(demo_config.raw["images"]) >= 1
     out2 = str(tmp_path / "again")
-    run_embed(demo_config, demo_catalog["products"], demo_catalog["reviews"], out2, runner="DirectRunner")
-    a, b = _read(out1)[0], _read(out2)[0]
+    run_embed(demo_config.with_overrides(["images.decode_threads=0"]), demo_catalog["products"],
+              demo_catalog["reviews"], out2, runner="DirectRunner")
+    (a, da), (b, db) = _read(out1), _read(out2)
     for col in ("vector", "image_vector", "text_vector", "review_vector"):
         va, vb = _vectors(a, col), _vectors(b, col)
         assert va.keys() == vb.keys()
@@ -84,7 +89,9 @@ def test_rerun_is_deterministic(demo_catalog, demo_config, demo_embeddings, tmp_
             if va[k] is None:
                 assert vb[k] is None
             else:
-                assert np.abs(va[k] - vb[k]).max() <= 1e-5
+                np.testing.assert_array_equal(va[k], vb[k])
+    key = lambda r: (str(r["product_id"]), r["stage"], r["error"])  # noqa: E731
+    assert sorted(da.to_pylist(), key=key) == sorted(db.to_pylist(), key=key)
     # same config + input -> same hashes
     assert sorted(a.column("text_hash").to_pylist(), key=str) == sorted(b.column("text_hash").to_pylist(), key=str)
 
@@ -217,6 +224,11 @@ def test_bad_config_is_a_user_error(tmp_path, capsys, demo_catalog):
     rc = cli_main(["embed", "--products", demo_catalog["products"], "--out", str(tmp_path / "o"),
                    "--set", "fusion.mode=\"avg\""])
     assert rc == 2 and "fusion" in capsys.readouterr().err
+    rc = cli_main(["embed", "--products", demo_catalog["products"], "--out", str(tmp_path / "o"),
+                   "--set", "images.decode_threads=-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "[images] decode_threads" in err[0]
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_failed_run_publishes_nothing(tmp_path, demo_catalog, demo_config, monkeypatch):
