@@ -8,7 +8,8 @@
   pre-tokenised texts, at the pipeline's batch size, in a loop (no I/O, no decode, no Beam);
 - end-to-end: `shopvec embed` (DirectRunner) over the same products, wall time including reading, decoding,
   Beam and writing; ratio = end-to-end products/s / model-only products/s (same run, same machine);
-- peak RSS: each measurement runs in a fresh subprocess; 4x = the catalog repeated 4 times with new ids.
+- peak RSS: each measurement runs in a fresh subprocess (its ``ru_maxrss``); 4x = the catalog repeated 4 times with
+  new ids; the parent also samples the child's RSS to show the running peak at 25/50/75/100 % of each run.
 Prints a Markdown table and writes JSON to --json-out.
 """
 from __future__ import annotations
@@ -96,12 +97,41 @@ def worker_pipeline(catalog: str, model: str, batch: int) -> dict:
             "peak_rss_mb": _peak_rss_mb()}
 
 
+def _rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
 def run_worker(kind: str, catalog: str, model: str, batch: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", kind, "--catalog", catalog, "--model", model,
-                          "--batch", str(batch)], capture_output=True, text=True, cwd=REPO)
-    if out.returncode != 0:
-        raise SystemExit(f"{kind} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Run one measurement in a fresh process; also samples its RSS every 0.5 s (Linux /proc) so the report can
+    show whether memory keeps growing during the run or levels off (RSS at 25/50/75/100 % of the run)."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, __file__, "--worker", kind, "--catalog", catalog, "--model", model,
+                                 "--batch", str(batch)], stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
+        samples: list[tuple[float, float]] = []
+        t0 = time.monotonic()
+        while proc.poll() is None:
+            r = _rss_mb(proc.pid)
+            if r is not None:
+                samples.append((time.monotonic() - t0, r))
+            time.sleep(0.5)
+        out = proc.stdout.read()
+        proc.stdout.close()
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{kind} worker failed:\n{err.read()[-3000:]}")
+    res = json.loads(out.strip().splitlines()[-1])
+    if samples:
+        end = samples[-1][0]
+        res["rss_mb_at"] = {f"{q}%": round(max((r for t, r in samples if t <= end * q / 100), default=0.0))
+                            for q in (25, 50, 75, 100)}  # running peak up to that point of the run
+    return res
 
 
 def main() -> None:
@@ -151,6 +181,10 @@ def main() -> None:
     print(f"ratio end-to-end / model-only = {res['ratio_end_to_end_over_model_only']:.3f} at 1x, "
           f"{res[f'ratio_{a.scale}x_over_model_only']:.3f} at {a.scale}x (target >= 0.85)")
     print(f"peak RSS {a.scale}x vs 1x: {res['rss_growth_4x_over_1x'] * 100:+.1f}% (target within 10%)")
+    for name, r in (("pipeline 1x", pipe1), (f"pipeline {a.scale}x", pipe4)):
+        if "rss_mb_at" in r:
+            print(f"{name}: running peak RSS at 25/50/75/100 % of the run: "
+                  + " / ".join(f"{v}" for v in r["rss_mb_at"].values()) + " MB")
 
 
 if __name__ == "__main__":
