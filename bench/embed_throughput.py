@@ -170,7 +170,7 @@ def main() -> None:
            "ratio_end_to_end_over_model_only": pipe1["products_per_s"] / model["products_per_s"],
            f"ratio_{a.scale}x_over_model_only": pipe4["products_per_s"] / model["products_per_s"],
            "load_average_end": os.getloadavg(),
-           "rss_growth_4x_over_1x": pipe4["peak_rss_mb"] / pipe1["peak_rss_mb"] - 1.0}
+           f"rss_growth_{a.scale}x_over_1x": pipe4["peak_rss_mb"] / pipe1["peak_rss_mb"] - 1.0}
     os.makedirs(os.path.dirname(a.json_out), exist_ok=True)
     with open(a.json_out, "w") as f:
         json.dump(res, f, indent=2)
@@ -180,7 +180,7 @@ def main() -> None:
     print(f"\nmodel-only runs (before/after): {model['runs_products_per_s'][0]:.2f} / {model['runs_products_per_s'][1]:.2f} products/s")
     print(f"ratio end-to-end / model-only = {res['ratio_end_to_end_over_model_only']:.3f} at 1x, "
           f"{res[f'ratio_{a.scale}x_over_model_only']:.3f} at {a.scale}x (target >= 0.85)")
-    print(f"peak RSS {a.scale}x vs 1x: {res['rss_growth_4x_over_1x'] * 100:+.1f}% (target within 10%)")
+    print(f"peak RSS {a.scale}x vs 1x: {res[f'rss_growth_{a.scale}x_over_1x'] * 100:+.1f}% (target within 10%)")
     for name, r in (("pipeline 1x", pipe1), (f"pipeline {a.scale}x", pipe4)):
         if "rss_mb_at" in r:
             print(f"{name}: running peak RSS at 25/50/75/100 % of the run: "

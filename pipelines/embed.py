@@ -435,26 +435,49 @@ def embeddings_schema(dims: dict[str, int], fused: int, meta_fields: list[pa.Fie
 
 
 class _WriteShard(beam.DoFn):
-    def __init__(self, tmp_dir: str, schema: pa.Schema, rows_per_group: int = 4096):
+    """Rows -> one temp Parquet file per bundle.
+
+    Rows are converted to Arrow every ``batch_rows`` rows (compact columns instead of Python dicts holding numpy
+    vectors and description strings), and a row group is written once ``rows_per_group`` rows or ``max_buffer_bytes``
+    of Arrow data are buffered, whichever comes first: the writer's memory is bounded by the row-group size, not by
+    how many rows a bundle holds.
+    """
+
+    def __init__(self, tmp_dir: str, schema: pa.Schema, rows_per_group: int = 4096, batch_rows: int = 256,
+                 max_buffer_bytes: int = 64 << 20):
         self._tmp = tmp_dir
         self._schema = schema
         self._rows_per_group = rows_per_group
+        self._batch_rows = max(1, min(batch_rows, rows_per_group))
+        self._max_bytes = max_buffer_bytes
 
     def start_bundle(self):
         self._rows = []
+        self._batches = []
+        self._buffered_rows = 0
+        self._buffered_bytes = 0
         self._writer = None
         self._path = None
 
-    def _flush(self):
-        if not self._rows:
-            return
-        cols = {}
+    def _to_batch(self):
+        cols = []
         for f in self._schema:
             vals = [r.get(f.name) for r in self._rows]
             if pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type):
                 vals = [None if v is None else np.asarray(v, np.float32) for v in vals]
-            cols[f.name] = vals
-        table = pa.Table.from_pydict(cols, schema=self._schema)
+            cols.append(pa.array(vals, type=f.type))
+        batch = pa.RecordBatch.from_arrays(cols, schema=self._schema)
+        self._rows = []
+        self._batches.append(batch)
+        self._buffered_rows += batch.num_rows
+        self._buffered_bytes += batch.nbytes
+
+    def _flush(self):
+        if self._rows:
+            self._to_batch()
+        if not self._batches:
+            return
+        table = pa.Table.from_batches(self._batches, schema=self._schema)
         if self._writer is None:
             from apache_beam.io.filesystems import FileSystems
 
@@ -462,12 +485,15 @@ class _WriteShard(beam.DoFn):
             self._fh = FileSystems.create(self._path)
             self._writer = pq.ParquetWriter(self._fh, self._schema, compression="zstd")
         self._writer.write_table(table, row_group_size=self._rows_per_group)
-        self._rows = []
+        self._batches, self._buffered_rows, self._buffered_bytes = [], 0, 0
 
     def process(self, row):
         self._rows.append(row)
-        if len(self._rows) >= self._rows_per_group:
-            self._flush()
+        # a batch never straddles a row-group boundary, so row groups hold exactly rows_per_group rows
+        if len(self._rows) >= min(self._batch_rows, self._rows_per_group - self._buffered_rows):
+            self._to_batch()
+            if self._buffered_rows >= self._rows_per_group or self._buffered_bytes >= self._max_bytes:
+                self._flush()
 
     def finish_bundle(self):
         self._flush()

@@ -282,3 +282,54 @@ def test_read_row_group_streams_a_big_row_group(tmp_path):
     n, peak = map(int, out.stdout.split())
     assert n == 384 * 256 * 1024  # every byte came through
     assert peak < 40 * 2**20, f"Arrow peak {peak / 2**20:.1f} MiB while streaming a 96 MiB row group"
+
+
+# ------------------------------------------------------------------------------------------------ shard writer
+def _drive_writer(tmp_path, rows, **kw):
+    """Runs the shard writer DoFn over ``rows`` in one bundle; returns (the file, the most Python rows it held)."""
+    from pipelines.embed import _WriteShard
+
+    schema = pa.schema([pa.field("product_id", pa.string(), nullable=False),
+                        pa.field("vector", pa.list_(pa.float32(), 4), nullable=False),
+                        pa.field("image_vector", pa.list_(pa.float32())),
+                        pa.field("description", pa.string())])
+    fn = _WriteShard(str(tmp_path / "tmp"), schema, **kw)
+    fn.start_bundle()
+    most = 0
+    for r in rows:
+        fn.process(r)
+        most = max(most, len(fn._rows))
+    paths = [wv.value for wv in fn.finish_bundle()]
+    assert len(paths) == 1
+    return pq.ParquetFile(paths[0]), most
+
+
+def _writer_rows(n):
+    rng = np.random.default_rng(0)
+    return [{"product_id": f"p{i}", "vector": rng.random(4, dtype=np.float32),
+             "image_vector": None if i % 7 == 0 else rng.random(4, dtype=np.float32),
+             "description": "d" * (i % 50)} for i in range(n)]
+
+
+def test_shard_writer_buffers_arrow_batches_and_writes_full_row_groups(tmp_path):
+    rows = _writer_rows(250)
+    pf, most = _drive_writer(tmp_path, rows, rows_per_group=100, batch_rows=16)
+    assert [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)] == [100, 100, 50]
+    assert most < 16  # Python row dicts are converted to Arrow every 16 rows, never accumulated per row group
+    t = pf.read()
+    assert t.column("product_id").to_pylist() == [r["product_id"] for r in rows]
+    got = t.column("image_vector").to_pylist()
+    for r, g in zip(rows, got):
+        assert (g is None) == (r["image_vector"] is None)
+        if g is not None:
+            np.testing.assert_array_equal(np.asarray(g, np.float32), r["image_vector"])
+    np.testing.assert_array_equal(np.asarray(t.column("vector").to_pylist(), np.float32),
+                                  np.stack([r["vector"] for r in rows]))
+
+
+def test_shard_writer_flushes_early_when_the_buffer_reaches_its_byte_cap(tmp_path):
+    rows = _writer_rows(200)
+    pf, _ = _drive_writer(tmp_path, rows, rows_per_group=1000, batch_rows=10, max_buffer_bytes=2000)
+    sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+    assert sum(sizes) == 200 and len(sizes) > 1 and max(sizes) < 1000
+    assert pf.read().column("product_id").to_pylist() == [r["product_id"] for r in rows]
