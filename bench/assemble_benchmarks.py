@@ -21,6 +21,16 @@ machine was lent to this project so far, so no GPU figures are reported.
 """
 
 
+def _demote(md: str) -> str:
+    """Every Markdown heading one level down (code fences left alone): the page's title becomes a section."""
+    out, fenced = [], False
+    for line in md.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        out.append("#" + line if not fenced and line.startswith("#") else line)
+    return "\n".join(out)
+
+
 def main() -> None:
     parts = [HEADER]
     for name in ORDER:
@@ -28,7 +38,7 @@ def main() -> None:
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 txt = f.read().strip()
-            parts.append(("#" + txt if txt.startswith("# ") else txt) + "\n")  # a page title becomes a section
+            parts.append((_demote(txt) if txt.startswith("# ") else txt) + "\n")  # a page title becomes a section
     with open(os.path.join(REPO, "BENCHMARKS.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(parts))
 

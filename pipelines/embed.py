@@ -11,8 +11,9 @@ Graph (every step is a plain DoFn/PTransform; nothing depends on driver-side sta
     dead letters from every stage ─> WriteParquetShards(dead_letters)
 
 Memory: product rows stream from Parquet (4 MiB page buffer, 256 rows per batch) through one fused stage to the
-writer; only the tiny row-group tasks wait for the duplicates side input. What is held per product is its id (the
-dedup pass) and, with reviews, its vectors in the review join -- both are shuffles on a distributed runner.
+writer, which buffers at most one row group as Arrow batches; only the tiny row-group tasks wait for the duplicates
+side input. What is held per product is its id (the dedup pass) and, with reviews, its vectors in the review join --
+both are shuffles on a distributed runner.
 
 Output is written under a staging folder next to ``--out`` and switched into place only when the run succeeded.
 """
