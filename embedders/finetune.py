@@ -265,50 +265,43 @@ def prepare_images(encoder, items: Sequence[CatalogItem], workers: int | None = 
     return out
 
 
-def encode_tensors(model, tensors: Sequence[Any], dim: int, batch_size: int, device: str, precision: str,
-                   flip: bool = False, what: str = "images") -> np.ndarray:
-    """Tower image features for prepared tensors (zero rows for ``None``), L2-normalised float32."""
+def _encode_rows(encode, items: Sequence[Any], rows: list[int], dim: int, batch_size: int, device: str,
+                 precision: str, what: str) -> np.ndarray:
+    """``encode(stacked batch)`` over ``items[rows]`` in batches -> ``(len(items), dim)`` L2-normalised float32, zero
+    rows for the items not in ``rows``; logs progress every 10 s."""
     import torch
 
-    out = np.zeros((len(tensors), dim), np.float32)
-    rows = [i for i, t in enumerate(tensors) if t is not None]
-    t0 = time.time()
-    last = t0
+    out = np.zeros((len(items), dim), np.float32)
+    t0 = last = time.time()
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        x = torch.stack([tensors[i] for i in chunk]).to(device)
-        if flip:
-            x = x.flip(-1)
+        x = torch.stack([items[i] for i in chunk]).to(device)
         with torch.inference_mode(), _autocast(device, precision):
-            f = model.encode_image(x)
+            f = encode(x)
         out[chunk] = torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
         if time.time() - last > 10:
             last = time.time()
             log.info("%s: %d/%d encoded, %.1f/s", what, s + len(chunk), len(rows), (s + len(chunk)) / (last - t0))
     return out
+
+
+def encode_tensors(model, tensors: Sequence[Any], dim: int, batch_size: int, device: str, precision: str,
+                   flip: bool = False, what: str = "images") -> np.ndarray:
+    """Tower image features for prepared tensors (zero rows for ``None``), L2-normalised float32."""
+    rows = [i for i, t in enumerate(tensors) if t is not None]
+    encode = (lambda x: model.encode_image(x.flip(-1))) if flip else model.encode_image
+    return _encode_rows(encode, tensors, rows, dim, batch_size, device, precision, what)
 
 
 def encode_token_rows(model, tokens: Sequence[Any], dim: int, batch_size: int, device: str, precision: str,
                       what: str = "texts") -> np.ndarray:
+    """Text tower features for token rows (zero rows for ``None``), L2-normalised float32."""
     import torch
 
-    import torch as _torch
-
-    out = np.zeros((len(tokens), dim), np.float32)
     rows = [i for i, t in enumerate(tokens) if t is not None]
     # similar lengths batched together: the model drops the all-padding tail of a batch (offline towers)
-    rows.sort(key=lambda i: -int((tokens[i] != 0).sum()) if isinstance(tokens[i], _torch.Tensor) else 0)
-    t0 = last = time.time()
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        x = torch.stack([tokens[i] for i in chunk]).to(device)
-        with torch.inference_mode(), _autocast(device, precision):
-            f = model.encode_text(x)
-        out[chunk] = torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
-        if time.time() - last > 10:
-            last = time.time()
-            log.info("%s: %d/%d encoded, %.1f/s", what, s + len(chunk), len(rows), (s + len(chunk)) / (last - t0))
-    return out
+    rows.sort(key=lambda i: -int((tokens[i] != 0).sum()) if isinstance(tokens[i], torch.Tensor) else 0)
+    return _encode_rows(model.encode_text, tokens, rows, dim, batch_size, device, precision, what)
 
 
 def tokenize(encoder, texts: Sequence[str | None], batch_size: int = 256) -> list[Any]:

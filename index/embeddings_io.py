@@ -194,13 +194,30 @@ def _vectors_to_numpy(path: Path, col: pa.ChunkedArray, ids: pa.Array, name: str
     return out.reshape(len(arr), dim)
 
 
-def _check_finite(path: Path, block: np.ndarray, ids: pa.Array, name: str) -> None:
+def check_unit_rows(where: str, block: np.ndarray, ids: pa.Array, name: str = VECTOR_COLUMN,
+                    tolerance: float = NORM_TOLERANCE, row_prefix: str = "") -> tuple[np.ndarray, int]:
+    """Validate a ``(rows, dim)`` block of vectors and L2-normalise the rows that need it.
+
+    NaN / inf / all-zero rows raise a UserError naming ``where`` (the file), the field, the product id and the row
+    (``row_prefix`` adds e.g. ``"row group 3, "``); rows whose norm is off by more than ``tolerance`` are re-normalised.
+    Returns ``(block, renormalised_rows)``. The single-process read (:func:`read_embeddings`) and the sharded index
+    build both go through here, so they index the very same vectors."""
     finite = np.isfinite(block).all(axis=1)
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0])
         what = "NaN" if np.isnan(block[bad]).any() else "inf"
-        raise UserError(f"{path}: field '{name}' contains {what} for product_id {ids[bad].as_py()!r} (row {bad}; "
-                        f"{int((~finite).sum())} such rows); fix or drop them upstream")
+        raise UserError(f"{where}: field '{name}' contains {what} for product_id {ids[bad].as_py()!r} "
+                        f"({row_prefix}row {bad}; {int((~finite).sum())} such rows); fix or drop them upstream")
+    norms = np.linalg.norm(block, axis=1)
+    zero = norms < 1e-12
+    if zero.any():
+        bad = int(np.flatnonzero(zero)[0])
+        raise UserError(f"{where}: field '{name}' is an all-zero vector for product_id {ids[bad].as_py()!r} "
+                        f"({row_prefix}row {bad}); it cannot be normalised")
+    off = np.abs(norms - 1.0) > tolerance
+    if off.any():
+        block = block / norms[:, None]
+    return block, int(off.sum())
 
 
 def _leaf_null_count(pf: pq.ParquetFile, name: str) -> int:
@@ -327,17 +344,8 @@ def read_embeddings(path: str | os.PathLike, *, normalize_tolerance: float = NOR
                                 f"{vectors.shape[1]}; all shards must come from the same model/fusion run")
         if block.shape[1] == 0:
             raise UserError(f"{f}: field '{VECTOR_COLUMN}' has dim 0")
-        _check_finite(f, block, ids_arr, VECTOR_COLUMN)
-        norms = np.linalg.norm(block, axis=1)
-        zero = norms < 1e-12
-        if zero.any():
-            bad = int(np.flatnonzero(zero)[0])
-            raise UserError(f"{f}: field '{VECTOR_COLUMN}' is an all-zero vector for product_id "
-                            f"{ids_arr[bad].as_py()!r} (row {bad}); it cannot be normalised")
-        off = np.abs(norms - 1.0) > normalize_tolerance
-        if off.any():
-            renorm += int(off.sum())
-            block = block / norms[:, None]
+        block, off = check_unit_rows(f, block, ids_arr, VECTOR_COLUMN, normalize_tolerance)
+        renorm += off
         vectors[row:row + len(block)] = block
         row += len(block)
         ids_parts.append(ids_arr.cast(pa.string()))

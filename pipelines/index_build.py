@@ -180,11 +180,11 @@ def read_piece(piece: Piece, dim: int, column: str = VECTOR_COLUMN) -> np.ndarra
 
 
 def _read_piece(piece: Piece, dim: int, column: str = VECTOR_COLUMN) -> tuple[np.ndarray, int]:
-    """One row group's vectors as a C-contiguous ``(rows, dim)`` float32 array, validated and normalised exactly as
-    ``index.embeddings_io.read_embeddings`` does it (null / NaN / inf / all-zero -> UserError naming the file and
-    the product; rows whose norm is off by more than its tolerance are re-normalised), so that a sharded build
-    indexes the very vectors the single-process build indexes."""
-    from index.embeddings_io import NORM_TOLERANCE
+    """One row group's vectors as a C-contiguous ``(rows, dim)`` float32 array and how many rows were re-normalised.
+
+    Null rows raise here; NaN / inf / all-zero rows and normalisation go through ``check_unit_rows``, the check
+    ``read_embeddings`` uses, so a sharded build indexes the very vectors the single-process build indexes."""
+    from index.embeddings_io import check_unit_rows
 
     tbl = _open_parquet(piece.path).read_row_group(piece.row_group, columns=[column, ID_COLUMN], use_threads=False)
     col = tbl.column(column).combine_chunks()
@@ -194,26 +194,11 @@ def _read_piece(piece: Piece, dim: int, column: str = VECTOR_COLUMN) -> tuple[np
         raise UserError(f"{piece.path}: field {column!r} is null for product_id {ids[bad].as_py()!r} "
                         f"(row group {piece.row_group}, row {bad}); every product needs a fused vector")
     x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        bad = int(np.flatnonzero(~finite)[0])
-        what = "NaN" if np.isnan(x[bad]).any() else "inf"
-        raise UserError(f"{piece.path}: field {column!r} contains {what} for product_id {ids[bad].as_py()!r} "
-                        f"(row group {piece.row_group}, row {bad}; {int((~finite).sum())} such rows there); "
-                        f"fix or drop them upstream; nothing was published")
-    norms = np.linalg.norm(x, axis=1)
-    zero = norms < 1e-12
-    if zero.any():
-        bad = int(np.flatnonzero(zero)[0])
-        raise UserError(f"{piece.path}: field {column!r} is an all-zero vector for product_id "
-                        f"{ids[bad].as_py()!r} (row group {piece.row_group}, row {bad}); it cannot be normalised")
-    off = np.abs(norms - 1.0) > NORM_TOLERANCE
-    if off.any():
-        x = x / norms[:, None]
+    x, off = check_unit_rows(piece.path, x, ids, column, row_prefix=f"row group {piece.row_group}, ")
     x = np.array(x, dtype=np.float32, order="C", copy=True)  # own the data: the Arrow buffers can go now
     del tbl, col, ids
     _release_arrow_memory()
-    return x, int(off.sum())
+    return x, off
 
 
 def _release_arrow_memory() -> None:
